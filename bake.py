@@ -1,0 +1,27 @@
+"""Stage 2: bake the system prompt into LoRA weights.
+
+    python bake.py                          # data/default.jsonl -> checkpoints/default/final/
+    python bake.py --num_epochs 5 --learning_rate 5e-4
+    python bake.py --resume                 # continue checkpoints/<name>/ from its last step-N
+    python bake.py --config examples/two_targets.yaml
+
+The prompted teacher's top-K log-probabilities are cached once under data/cache/ and reused. Metrics go
+to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY). Settings live in config.py.
+"""
+
+from dotenv import load_dotenv
+
+from config import main_guard, parse_args, to_dict
+
+
+def main():
+    load_dotenv()
+    cfg, _ = parse_args()
+    print("config:", to_dict(cfg))
+    from promptbake.train import bake
+
+    bake(cfg)
+
+
+if __name__ == "__main__":
+    main_guard(main)

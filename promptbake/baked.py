@@ -1,0 +1,79 @@
+"""Loading a baked checkpoint: the base model plus its LoRA adapter, checked to belong together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+from .io import read_json
+
+BAKE_CONFIG = "bake_config.json"
+
+
+def latest_checkpoint(checkpoint_dir: str, name: str | None = None) -> Path:
+    """checkpoints/<name>/final, else the newest final or step-N under checkpoints/."""
+    root = Path(checkpoint_dir)
+    runs = [root / name] if name and (root / name).is_dir() else [p for p in root.iterdir() if p.is_dir()] \
+        if root.is_dir() else []
+    found = [c for run in runs for c in [run / "final", *sorted(run.glob("step-*"))] if (c / BAKE_CONFIG).exists()]
+    if not found:
+        raise UserError(f"no baked checkpoint under {root}/; run `python bake.py` first, or pass --checkpoint PATH")
+    finals = [c for c in found if c.name == "final"]
+    return max(finals or found, key=lambda c: c.stat().st_mtime)
+
+
+def read_bake_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "adapter_config.json").exists() or not (path / BAKE_CONFIG).exists():
+        raise UserError(f"{path}: not a baked adapter (it needs adapter_config.json and {BAKE_CONFIG}); "
+                        f"pass a checkpoints/<run>/final or step-N folder")
+    return read_json(path / BAKE_CONFIG)
+
+
+def set_strength(model, strength: float) -> None:
+    """Scales every LoRA update: 0 = base, 1 = baked, between = half-baked, > 1 = over-baked."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.scaling:
+                base = module.lora_alpha[name] / module.r[name]
+                module.scaling[name] = base * strength
+
+
+def load_baked(path: str | Path, model_name_or_path: str | None = None, device: str = "auto",
+               strength: float = 1.0, model_cache_dir: str = ""):
+    """Returns (peft model, tokenizer, bake config) for a baked checkpoint folder."""
+    from peft import PeftModel
+
+    from . import model as models
+
+    info = read_bake_config(path)
+    baked_on = info["config"]["model_name_or_path"]
+    if model_name_or_path and model_name_or_path != baked_on:
+        raise UserError(f"{path} was baked on {baked_on!r}, not {model_name_or_path!r}; load it with "
+                        f"--model_name_or_path {baked_on}")
+    base_path = models.resolve_model_path(baked_on, model_cache_dir or info["config"].get("model_cache_dir", ""))
+    device = models.pick_device(device)
+    tokenizer = models.load_tokenizer(base_path, info["config"].get("trust_remote_code", False))
+    base = models.load_model(base_path, device, info["config"].get("trust_remote_code", False))
+    want = info.get("base_config_sha256")
+    if want and want != model_config_sha256(base):
+        raise UserError(f"{path} was baked on a base model with another architecture than {base_path}")
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: the adapter does not load onto {base_path} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    if strength != 1.0:
+        set_strength(model, strength)
+    return model, tokenizer, info
+
+
+def model_config_sha256(model) -> str:
+    from .io import sha256_text
+
+    cfg = model.config.to_dict()
+    keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                                    "num_attention_heads", "num_key_value_heads", "intermediate_size")}
+    return sha256_text(repr(sorted(keep.items())))

@@ -1,0 +1,196 @@
+"""Examples (tokenized rows) and the teacher cache.
+
+The teacher is the base model WITH the system prompt. Its top-K log-probabilities at every response
+position are computed once, stored under data/cache/<key>/ in shards (uint16/int32 ids, fp16 logprobs,
+about 84 bytes a token at K=20), and reused across epochs and runs. The key hashes everything the
+numbers depend on, so a changed model, prompt, data file, K or template builds a new cache. Each shard
+carries a checksum: a truncated or corrupt shard is rebuilt, never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import torch
+from tqdm.auto import tqdm
+
+from .chat import render_prompt_ids, response_ids_from_text, system_prefix_ids
+from .errors import UserError
+from .forward import prefix_kv, response_logits
+from .io import atomic_write_bytes
+from .loss import teacher_topk
+
+CACHE_VERSION = 1
+SHARD_ROWS = 64
+
+
+@dataclass
+class Example:
+    line: int  # line of the data file, for error messages
+    teacher_ids: list[int]  # [system, context] rendered + response
+    student_ids: list[int]  # [student prompt?, context] rendered + response
+    n_response: int  # trained tokens at the end of both
+    group: str  # the context, so held-out queries are never trained on
+
+
+def build_examples(rows, tokenizer, system: str, student_prompt: str, max_seq_len: int, use_token_ids: bool,
+                   where: str, max_context: int | None = None) -> tuple[list[Example], int]:
+    """Tokenizes rows for both sides. Returns (examples, number of responses cut to fit max_seq_len)."""
+    examples, cut = [], 0
+    for r in rows:
+        if use_token_ids and r.response_ids:
+            resp = list(r.response_ids)  # the teacher's own ids: never decoded and re-encoded
+        else:
+            resp = response_ids_from_text(tokenizer, r.response, complete=r.complete)
+        student_prompt_ids = render_prompt_ids(tokenizer, r.context, student_prompt or None)
+        room = max_seq_len - len(student_prompt_ids)
+        if room < 1:
+            raise UserError(f"{where}:{r.line}: the user turn alone is {len(student_prompt_ids)} tokens, over "
+                            f"max_seq_len={max_seq_len}; raise --max_seq_len or shorten the row")
+        if len(resp) > room:
+            resp, cut = resp[:room], cut + 1  # a cut response has no end-of-turn: none is trained
+        teacher_ids = render_prompt_ids(tokenizer, r.context, system) + resp
+        if max_context and len(teacher_ids) > max_context:
+            raise UserError(f"the system prompt makes row {where}:{r.line} {len(teacher_ids)} tokens, over the "
+                            f"model's context of {max_context}; shorten the prompt or --max_seq_len")
+        examples.append(Example(r.line, teacher_ids, student_prompt_ids + resp, len(resp),
+                                orjson.dumps(r.context).decode()))
+    return examples, cut
+
+
+def cache_key(model_id: str, model_dir: str, system: str, data_sha256: str, k: int, chat_template: str,
+              max_seq_len: int, student_prompt: str) -> str:
+    fingerprint = {"version": CACHE_VERSION, "model": model_id, "system": system, "data": data_sha256, "k": k,
+                   "template": chat_template, "max_seq_len": max_seq_len, "student_prompt": student_prompt}
+    if os.path.isdir(model_dir):  # a folder's weights can change under the same name
+        files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("config.json"))
+        fingerprint["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    return hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()[:20]
+
+
+@dataclass
+class TeacherTopK:
+    """The cached teacher: for row i, positions offsets[i]:offsets[i+1] of ids/logprobs and response_ids."""
+    offsets: torch.Tensor  # [R+1] int64
+    response_ids: torch.Tensor  # [T] int32
+    ids: torch.Tensor  # [T, K] uint16 or int32
+    logprobs: torch.Tensor  # [T, K] float16
+
+    def row(self, i: int):
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.response_ids[a:b], self.ids[a:b], self.logprobs[a:b]
+
+    @property
+    def bytes_per_token(self) -> float:
+        t = max(len(self.response_ids), 1)
+        return sum(x.numel() * x.element_size() for x in (self.response_ids, self.ids, self.logprobs)) / t
+
+
+def _checksum(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_shard(path: Path, tensors: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"tensors": tensors, "sha256": _checksum(tensors)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_shard(path: Path, n_rows: int, k: int) -> dict | None:
+    """The shard's tensors, or None if it is missing, truncated, corrupt or of the wrong shape."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        t = blob["tensors"]
+        ok = (blob["sha256"] == _checksum(t) and len(t["offsets"]) == n_rows + 1
+              and t["ids"].shape == t["logprobs"].shape == (int(t["offsets"][-1]), k)
+              and len(t["response_ids"]) == int(t["offsets"][-1]))
+    except Exception:  # noqa: BLE001 - any unreadable file is simply rebuilt
+        ok = False
+    if not ok:
+        print(f"teacher cache: {path} is corrupt or truncated; rebuilding it")
+        path.unlink(missing_ok=True)
+        return None
+    return t
+
+
+@torch.inference_mode()
+def _teacher_shard(model, examples: list[Example], prefix: list[int], cache, k: int, batch_size: int, pad_id: int,
+                   id_dtype, bar) -> dict:
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
+    per_row: list = [None] * len(examples)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        seqs = [examples[i].teacher_ids[len(prefix):] for i in idx]
+        n_resp = [examples[i].n_response for i in idx]
+        logits, valid = response_logits(model, seqs, n_resp, pad_id, cache, len(prefix))
+        ids, logprobs = teacher_topk(logits, k)
+        for j, i in enumerate(idx):
+            per_row[i] = (ids[j][valid[j]].cpu(), logprobs[j][valid[j]].cpu())
+        bar.update(sum(n_resp))
+    offsets = torch.tensor([0] + [e.n_response for e in examples]).cumsum(0)
+    return {"offsets": offsets,
+            "response_ids": torch.tensor([t for e in examples for t in e.teacher_ids[-e.n_response:]], dtype=torch.int32),
+            "ids": torch.cat([r[0] for r in per_row]).to(id_dtype),
+            "logprobs": torch.cat([r[1] for r in per_row]).half()}
+
+
+def teacher_cache(model, tokenizer, examples: list[Example], system: str, k: int, cache_dir: Path, batch_size: int,
+                  reuse_prefix: bool = True) -> TeacherTopK:
+    """Loads the cached teacher top-K for these examples, computing only the shards that are missing."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
+    shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
+    loaded = {s: _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k) for s, ex in shards}
+    missing = [(s, ex) for s, ex in shards if loaded[s] is None]
+    if not missing:
+        print(f"teacher cache: reusing {cache_dir} ({len(examples)} rows)")
+    else:
+        if len(missing) < len(shards):
+            print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
+        prefix = system_prefix_ids(tokenizer, system) if reuse_prefix else []
+        if any(e.teacher_ids[:len(prefix)] != prefix for _, ex in missing for e in ex):
+            prefix = []  # a template that renders the system turn differently per row: no sharing
+        cache = prefix_kv(model, prefix) if prefix else None
+        t0 = time.time()
+        n_tokens = sum(e.n_response for _, ex in missing for e in ex)
+        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
+        for s, ex in missing:
+            loaded[s] = _teacher_shard(model, ex, prefix, cache, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
+            _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
+        bar.close()
+        dt = time.time() - t0
+        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | "
+              f"system prefix of {len(prefix)} tokens computed once")
+    parts = [loaded[s] for s, _ in shards]
+    offsets = [torch.zeros(1, dtype=torch.long)]
+    total = 0
+    for p in parts:
+        offsets.append(p["offsets"][1:] + total)
+        total += int(p["offsets"][-1])
+    return TeacherTopK(torch.cat(offsets), torch.cat([p["response_ids"] for p in parts]),
+                       torch.cat([p["ids"] for p in parts]), torch.cat([p["logprobs"] for p in parts]))
+
+
+def check_alignment(examples: list[Example], teacher: TeacherTopK, tokenizer, where: str) -> None:
+    """The student's response ids must equal the teacher's, token for token, aligned from the end."""
+    for i, e in enumerate(examples):
+        want = teacher.row(i)[0].tolist()
+        got = e.student_ids[-e.n_response:]
+        if got != want:
+            j = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise UserError(f"{where}:{e.line}: the student's response tokens differ from the teacher's at token "
+                            f"{j}: student {tokenizer.convert_ids_to_tokens(got[j:j + 3])} vs teacher "
+                            f"{tokenizer.convert_ids_to_tokens(want[j:j + 3])}; delete data/cache and rerun")

@@ -1,0 +1,124 @@
+"""Pins the baking objective against slow, obviously-correct references on seeded tensors."""
+
+import math
+
+import pytest
+import torch
+
+from promptbake.loss import full_kl, log1mexp, teacher_topk, topk_kl_with_tail
+
+
+def reference_topk_tail_kl(student_logits, teacher_logits, k):
+    """Slow reference: per position, coarsen both distributions to {top-K ids of p, rest} in float64."""
+    total, n = 0.0, 0
+    for s, t in zip(student_logits.double().reshape(-1, student_logits.shape[-1]),
+                    teacher_logits.double().reshape(-1, teacher_logits.shape[-1])):
+        p, q = t.softmax(-1), s.softmax(-1)
+        ids = p.topk(k).indices
+        pk, qk = p[ids], q[ids]
+        pc = torch.cat([pk, (1 - pk.sum()).clamp(min=0).view(1)])
+        qc = torch.cat([qk, (1 - qk.sum()).clamp(min=0).view(1)])
+        terms = [pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(pc.tolist(), qc.tolist()) if pi > 0]
+        total += sum(terms)
+        n += 1
+    return total / n
+
+
+def seeded(v=50, n=12, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g) * scale, torch.randn(n, v, generator=g) * scale
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 49])
+def test_matches_slow_reference(k):
+    student, teacher = seeded()
+    ids, lp = teacher_topk(teacher, k)
+    got = topk_kl_with_tail(student, ids, lp, torch.ones(student.shape[0]))
+    assert got.item() == pytest.approx(reference_topk_tail_kl(student, teacher, k), rel=1e-4, abs=1e-6)
+
+
+def test_k_equal_vocab_is_full_kl():
+    student, teacher = seeded(v=64)
+    ids, lp = teacher_topk(teacher, 64)
+    mask = torch.ones(student.shape[0])
+    assert topk_kl_with_tail(student, ids, lp, mask).item() == pytest.approx(
+        full_kl(teacher, student, mask).item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounded_by_zero_and_full_kl(seed):
+    student, teacher = seeded(v=100, seed=seed)
+    mask = torch.ones(student.shape[0])
+    full = full_kl(teacher, student, mask).item()
+    for k in (1, 3, 10, 50, 99):
+        ids, lp = teacher_topk(teacher, k)
+        got = topk_kl_with_tail(student, ids, lp, mask).item()
+        assert -1e-6 <= got <= full + 1e-5
+
+
+def test_zero_when_student_equals_teacher():
+    _, teacher = seeded()
+    ids, lp = teacher_topk(teacher, 10)
+    assert topk_kl_with_tail(teacher.clone(), ids, lp, torch.ones(teacher.shape[0])).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_mask_averages_over_valid_tokens_only():
+    student, teacher = seeded(n=6)
+    ids, lp = teacher_topk(teacher, 8)
+    mask = torch.tensor([1, 1, 0, 1, 0, 0.0])
+    got = topk_kl_with_tail(student, ids, lp, mask)
+    keep = mask.bool()
+    want = topk_kl_with_tail(student[keep], ids[keep], lp[keep], torch.ones(int(keep.sum())))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_fp16_teacher_logprobs_as_stored():
+    student, teacher = seeded()
+    ids, lp = teacher_topk(teacher, 20)
+    a = topk_kl_with_tail(student, ids, lp, torch.ones(12))
+    b = topk_kl_with_tail(student, ids.to(torch.int32), lp.half(), torch.ones(12))
+    assert b.item() == pytest.approx(a.item(), rel=2e-3, abs=1e-4)
+
+
+def test_gradient_drives_toy_student_to_teacher_not_sharpened():
+    """Minimising the top-K+tail loss recovers the teacher's top-K probabilities and tail mass, whereas
+    the tail-less sum would pile all mass onto the K ids."""
+    torch.manual_seed(0)
+    v, k = 30, 5
+    teacher = torch.randn(4, v)
+    ids, lp = teacher_topk(teacher, k)
+    student = torch.zeros(4, v, requires_grad=True)
+    opt = torch.optim.Adam([student], lr=0.1)
+    for _ in range(1500):
+        opt.zero_grad()
+        topk_kl_with_tail(student, ids, lp, torch.ones(4)).backward()
+        opt.step()
+    q = student.detach().softmax(-1)
+    p = teacher.softmax(-1)
+    assert torch.allclose(q.gather(-1, ids), p.gather(-1, ids), atol=2e-3)
+    p_tail = 1 - p.gather(-1, ids).sum(-1)
+    assert torch.allclose(1 - q.gather(-1, ids).sum(-1), p_tail, atol=2e-3)
+    assert (p_tail > 0.2).all()  # the teacher has real tail mass, so this test can tell sharpening apart
+
+
+def test_tailless_sum_would_sharpen():
+    """Documents the peers' bug this loss avoids: without the tail, putting all mass on the top-K scores lower."""
+    teacher = torch.randn(1, 30) * 2
+    ids, lp = teacher_topk(teacher, 5)
+    p = lp.exp()
+
+    def tailless(student):
+        log_q = student.log_softmax(-1).gather(-1, ids)
+        return (p * (lp - log_q)).sum()
+
+    sharpened = torch.full((1, 30), -30.0).scatter(-1, ids, lp)
+    assert tailless(sharpened) < tailless(teacher)
+    assert topk_kl_with_tail(sharpened, ids, lp, torch.ones(1)) > topk_kl_with_tail(teacher, ids, lp, torch.ones(1))
+
+
+def test_log1mexp_stable():
+    x = torch.tensor([-1e-10, -1e-3, -0.5, -1.0, -20.0, -100.0], dtype=torch.float32)
+    want = torch.log1p(-torch.exp(x.double())).float()
+    got = log1mexp(x)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[1:], want[1:], rtol=1e-5)

@@ -286,6 +286,7 @@ def bake(cfg) -> Path:
     targets = prepare_targets(cfg, base, tokenizer, model_path)
     info = bake_info(cfg, targets, model_path, base)
     write_json(run_dir / BAKE_CONFIG, info)
+    write_held_out(run_dir / "held_out.jsonl", targets[0])
 
     target_modules = cfg.target_modules if cfg.target_modules == "all-linear" else \
         [m.strip() for m in cfg.target_modules.split(",")]
@@ -382,6 +383,17 @@ def bake(cfg) -> Path:
         verify(model, tokenizer, targets, cfg)
     print(f"saved {final} in {time.time() - t_start:.0f}s")
     return final
+
+
+def write_held_out(path: Path, target: Target) -> None:
+    """The held-out queries (never trained on), for evaluate.py."""
+    import orjson
+
+    groups = dict.fromkeys(target.examples[r].group for r in target.held_out)
+    data = b"".join(orjson.dumps({"messages": orjson.loads(g)}) + b"\n" for g in groups)
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:

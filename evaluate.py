@@ -1,0 +1,38 @@
+"""Stage 4: measure how well the prompt was baked.
+
+    python evaluate.py                                   # newest checkpoint, its held-out queries
+    python evaluate.py --checkpoint checkpoints/default/final --queries my_prompts.txt
+    python evaluate.py --strengths 0,0.25,0.5,0.75,1,1.25    # half-baking sweep -> half_baking.png
+    python evaluate.py --steps                           # sweep over the saved step-N checkpoints
+
+Prints full-vocabulary KL to the prompted teacher (base vs baked), top-1 agreement, and adherence
+(markers / marker_regex from config.py, or a judge model when API_BASE_URL is set). Writes eval.json.
+"""
+
+import argparse
+
+from dotenv import load_dotenv
+
+from config import main_guard, parse_args
+
+
+def main():
+    load_dotenv()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a checkpoints/<run>/final or step-N folder (default: newest)")
+    parser.add_argument("--queries", help="held-out prompts: .txt (one a line) or .jsonl (default: the run's held_out.jsonl)")
+    parser.add_argument("--strengths", default="", help="comma list of adapter strengths to sweep")
+    parser.add_argument("--steps", action="store_true", help="also sweep the run's step-N checkpoints")
+    parser.add_argument("--samples", type=int, default=2, help="teacher samples per query for the KL")
+    cfg, args = parse_args(parser=parser)
+    from promptbake.evaluate import evaluate
+
+    try:
+        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --strengths takes numbers separated by commas, got {args.strengths!r}")
+    evaluate(cfg, args.checkpoint, args.queries, strengths, args.steps, args.samples)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,92 @@
+"""Chatting with a baked model: streamed answers, interactive turns, and side-by-side comparison."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .baked import latest_checkpoint, load_baked
+from .chat import render_prompt_ids, stop_ids
+
+
+def load_for_demo(cfg, checkpoint: str | None, strength: float):
+    path = checkpoint or latest_checkpoint(cfg.checkpoint_dir, cfg.name)
+    model, tokenizer, info = load_baked(path, device=cfg.device, strength=strength, model_cache_dir=cfg.model_cache_dir)
+    print(f"checkpoint: {path}" + (f" (strength {strength:g})" if strength != 1.0 else ""), file=sys.stderr)
+    return model, tokenizer, info, path
+
+
+@torch.inference_mode()
+def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cfg, temperature: float,
+                  out=sys.stdout) -> str:
+    """Generates one answer, printing tokens as they come; returns the text."""
+    from transformers import TextStreamer
+
+    class Tee(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.text = ""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.text += text
+            print(text, end="" if not stream_end else "\n", flush=True, file=out)
+
+    ids = torch.tensor([render_prompt_ids(tokenizer, messages, system)], device=next(model.parameters()).device)
+    torch.manual_seed(cfg.seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    streamer = Tee()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer, model), streamer=streamer,
+                   **sampling)
+    return streamer.text.strip()
+
+
+def _baked_system(info: dict, with_prompt: bool) -> str | None:
+    target = info["targets"][0]
+    if with_prompt:
+        return target["system_prompt"]
+    return target.get("student_prompt") or None
+
+
+def compare(model, tokenizer, info, question: str, cfg, temperature: float, with_prompt: bool = False) -> dict:
+    system = info["targets"][0]["system_prompt"]
+    messages = [{"role": "user", "content": question}]
+    out = {}
+    print(f"\n=== user: {question}")
+    with model.disable_adapter():
+        print("\n--- base model, no prompt:")
+        out["base"] = stream_answer(model, tokenizer, messages, None, cfg, temperature)
+        print("\n--- base model, WITH the prompt:")
+        out["prompted"] = stream_answer(model, tokenizer, messages, system, cfg, temperature)
+    print("\n--- baked model, no prompt:" if not with_prompt else "\n--- baked model, re-prompted with its prompt:")
+    out["baked"] = stream_answer(model, tokenizer, messages, _baked_system(info, with_prompt), cfg, temperature)
+    return out
+
+
+def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, with_prompt: bool = False) -> None:
+    system = _baked_system(info, with_prompt)
+    if questions:
+        for q in questions:
+            stream_answer(model, tokenizer, [{"role": "user", "content": q}], system, cfg, temperature)
+        return
+    print("chat with the baked model (no system prompt). /reset clears the history, /quit ends.")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line == "/quit":
+            return
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        history.append({"role": "assistant", "content": stream_answer(model, tokenizer, history, system, cfg, temperature)})

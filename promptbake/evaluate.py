@@ -1,0 +1,203 @@
+"""Measures how well a prompt was baked: KL to the prompted teacher and behaviour, before and after."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .baked import latest_checkpoint, load_baked, set_strength
+from .chat import render_prompt_ids
+from .data import Row, load_prompts
+from .errors import UserError
+from .forward import response_logits
+from .generate import decode_response, generate_ids
+from .io import write_json
+from .loss import full_kl
+from .teacher import build_examples
+
+
+@contextmanager
+def variant(model, kind: str):
+    """'base' = adapter off; 'baked' = adapter on (at whatever strength is set)."""
+    if kind == "base":
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def follows(text: str, markers: list[str], regex: str) -> bool:
+    if regex:
+        return re.search(regex, text, flags=re.I) is not None
+    low = text.lower()
+    return any(m.lower() in low for m in markers)
+
+
+def judge_fn(system: str):
+    """With an API configured, a judge model answers yes/no to 'does this answer follow the system prompt?'."""
+    base_url = os.environ.get("API_BASE_URL", "")
+    if not base_url:
+        return None
+    from .api_client import ChatClient
+
+    model = os.environ.get("API_JUDGE_MODEL") or os.environ.get("API_MODEL") or "default"
+
+    async def ask(answers: list[tuple[str, str]]) -> list[bool]:
+        client = ChatClient(base_url, model, concurrency=8)
+        try:
+            outs = await asyncio.gather(*[client.chat([{"role": "user", "content":
+                f"System prompt:\n---\n{system}\n---\nUser: {q}\nAssistant: {a}\n---\nDoes the assistant's answer "
+                f"follow the system prompt? Answer yes or no."}], temperature=0.0, max_tokens=3) for q, a in answers])
+        finally:
+            await client.aclose()
+        return [o.content.strip().lower().startswith("yes") for o in outs]
+
+    return lambda answers: asyncio.run(ask(answers))
+
+
+@torch.inference_mode()
+def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8) -> tuple[float, float]:
+    """Full-vocabulary KL(prompted base || current model without prompt), and top-1 agreement."""
+    kl, agree, n = 0.0, 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        ex = examples[b:b + batch_size]
+        n_resp = [e.n_response for e in ex]
+        with model.disable_adapter():
+            t_logits, valid = response_logits(model, [e.teacher_ids for e in ex], n_resp, pad_id)
+        s_logits, _ = response_logits(model, [e.student_ids for e in ex], n_resp, pad_id)
+        count = int(valid.sum())
+        kl += full_kl(t_logits, s_logits, valid).item() * count
+        agree += ((t_logits.argmax(-1) == s_logits.argmax(-1)) & valid).sum().item()
+        n += count
+    return kl / n, agree / n
+
+
+def answers(model, tokenizer, contexts, system: str | None, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    out = []
+    for b in range(0, len(contexts), batch_size):
+        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts[b:b + batch_size]]
+        out += [decode_response(tokenizer, ids) for ids, _ in
+                generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=max_new_tokens)]
+    return out
+
+
+def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
+             steps: bool = False, samples: int = 2) -> dict:
+    """Writes eval.json (and half_baking.png for a sweep) into the checkpoint folder; returns the results."""
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
+    model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
+    target = info["targets"][0]
+    system, student_prompt = target["system_prompt"], target.get("student_prompt", "")
+    held = Path(queries) if queries else path.parent / "held_out.jsonl"
+    if not held.exists():
+        raise UserError(f"{held}: no held-out queries; pass --queries FILE (one prompt a line, or JSONL)")
+    contexts = [r.context for r in load_prompts(str(held))]
+    if not contexts:
+        raise UserError(f"{held}: no queries")
+    print(f"evaluating {path} on {len(contexts)} held-out queries from {held}")
+    t0 = time.time()
+
+    # Teacher-sampled responses: the prompted base answers each query `samples` times.
+    rows = []
+    with model.disable_adapter():
+        for i in range(samples):
+            prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts]
+            outs = generate_ids(model, tokenizer, prompts, temperature=0.7, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed + i)
+            rows += [Row(j, c, None, ids, complete) for j, (c, (ids, complete)) in enumerate(zip(contexts, outs), 1)]
+    examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, str(held))
+    pad = tokenizer.pad_token_id
+    judge = judge_fn(system)
+
+    def adherence(texts):
+        marks = sum(follows(t, cfg.markers, cfg.marker_regex) for t in texts) / len(texts)
+        result = {"marker_rate": marks}
+        if judge:
+            result["judge_rate"] = sum(judge(list(zip([c[-1]["content"] for c in contexts], texts)))) / len(texts)
+        return result
+
+    with model.disable_adapter():
+        base_texts = answers(model, tokenizer, contexts, None, cfg.eval_max_new_tokens)
+        prompted_texts = answers(model, tokenizer, contexts, system, cfg.eval_max_new_tokens)
+    set_strength(model, 0.0)
+    kl_before, agree_before = kl_and_agreement(model, examples, pad)
+    set_strength(model, 1.0)
+    kl_after, agree_after = kl_and_agreement(model, examples, pad)
+    baked_texts = answers(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens)
+    result = {
+        "checkpoint": str(path), "queries": str(held), "n_queries": len(contexts), "n_tokens": sum(e.n_response for e in examples),
+        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
+        "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
+        "adherence": {"base": adherence(base_texts), "prompted": adherence(prompted_texts), "baked": adherence(baked_texts)},
+        "markers": cfg.markers, "marker_regex": cfg.marker_regex,
+        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": k}
+                     for c, b, p, k in list(zip(contexts, base_texts, prompted_texts, baked_texts))[:5]],
+    }
+
+    sweep = []
+    points = [(f"strength {s:g}", path, s) for s in (strengths or [])]
+    if steps:
+        points += [(p.name, p, 1.0) for p in sorted(path.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))]
+    for label, ckpt, s in points:
+        if ckpt != path:
+            model.load_adapter(str(ckpt), adapter_name="sweep")
+            model.set_adapter("sweep")
+        set_strength(model, s)
+        kl, agree = kl_and_agreement(model, examples, pad)
+        texts = answers(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens)
+        sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree, **adherence(texts)})
+        if ckpt != path:
+            model.set_adapter("default")
+            model.delete_adapter("sweep")
+        print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | marker rate {sweep[-1]['marker_rate']:.2f}")
+    set_strength(model, 1.0)
+    if sweep:
+        result["sweep"] = sweep
+        result["plot"] = str(plot_sweep(sweep, path / "half_baking.png"))
+    result["seconds"] = round(time.time() - t0, 1)
+    write_json(path / "eval.json", result)
+    print_table(result)
+    print(f"wrote {path / 'eval.json'}")
+    return result
+
+
+def plot_sweep(sweep: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(sweep)))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [p["kl"] for p in sweep], "o-", color="tab:blue", label="KL to prompted teacher")
+    ax.set_ylabel("held-out KL", color="tab:blue")
+    ax.set_xticks(x, [p["point"].replace("strength ", "") for p in sweep], rotation=30)
+    ax.set_xlabel("adapter strength" if all(p["point"].startswith("strength") for p in sweep) else "point")
+    ax2 = ax.twinx()
+    ax2.plot(x, [p["marker_rate"] for p in sweep], "s--", color="tab:red", label="adherence (marker rate)")
+    ax2.set_ylabel("adherence", color="tab:red")
+    ax2.set_ylim(-0.05, 1.05)
+    ax.set_title("Half-baking: prompt strength")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{'':18}{'KL to teacher':>14}{'top-1 agree':>13}{'adherence':>11}")
+    rows = [("base, no prompt", r["kl_before"], r["top1_agreement_before"], r["adherence"]["base"]),
+            ("prompted base", 0.0, 1.0, r["adherence"]["prompted"]),
+            ("baked, no prompt", r["kl_after"], r["top1_agreement_after"], r["adherence"]["baked"])]
+    for name, kl, agree, adh in rows:
+        judge = f"  judge {adh['judge_rate']:.2f}" if "judge_rate" in adh else ""
+        print(f"{name:18}{kl:>14.4f}{agree:>13.3f}{adh['marker_rate']:>11.2f}{judge}")
+    if r["kl_before"]:
+        print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
+              f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")

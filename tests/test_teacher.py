@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from promptbake.chat import render_prompt_ids, system_prefix_ids
+from promptbake.data import Row
+from promptbake.errors import UserError
+from promptbake.forward import prefix_kv, response_logits
+from promptbake.model import load_model
+from promptbake.teacher import build_examples, check_alignment, teacher_cache
+
+SYSTEM = "You are a pirate. Always begin every reply with \"Arr!\"."
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def rows(n=5):
+    qs = ["Who are you?", "Tell me a joke about the sea and ships.", "Why?", "What is the capital of France, matey?",
+          "How do I cook rice?", "Hello there"]
+    answers = ["Arr! I be a pirate.", "Arr! Why did the ship blush? It saw the sea's bottom!", "Arr, because.",
+               "Arr! Paris, me hearty, the finest port.", "Arr! Boil it.", "Ahoy!"]
+    return [Row(i + 1, [{"role": "user", "content": q}], a, None, i % 2 == 0) for i, (q, a) in enumerate(zip(qs, answers))][:n]
+
+
+def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer):
+    examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
+    logits, valid = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
+                                    tokenizer.pad_token_id)
+    for j, e in enumerate(examples):
+        full = tiny(torch.tensor([e.teacher_ids])).logits[0]
+        want = full[len(e.teacher_ids) - e.n_response - 1: len(e.teacher_ids) - 1]
+        assert int(valid[j].sum()) == e.n_response
+        torch.testing.assert_close(logits[j][valid[j]], want, atol=1e-4, rtol=1e-4)
+
+
+def test_system_prompt_kv_reuse_matches_recompute(tiny, tokenizer):
+    examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
+    prefix = system_prefix_ids(tokenizer, SYSTEM)
+    n = [e.n_response for e in examples]
+    plain, valid = response_logits(tiny, [e.teacher_ids for e in examples], n, tokenizer.pad_token_id)
+    reused, valid2 = response_logits(tiny, [e.teacher_ids[len(prefix):] for e in examples], n, tokenizer.pad_token_id,
+                                     prefix_kv(tiny, prefix), len(prefix))
+    assert torch.equal(valid, valid2)
+    torch.testing.assert_close(reused[valid], plain[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_response_trains_no_turn_end(tokenizer):
+    examples, _ = build_examples(rows(2), tokenizer, SYSTEM, "", 512, False, "t")
+    assert examples[0].student_ids[-1] == tokenizer.eos_token_id  # complete
+    assert examples[1].student_ids[-1] != tokenizer.eos_token_id  # finish_reason length
+    long = [Row(1, [{"role": "user", "content": "hi"}], "word " * 300)]
+    (ex,), cut = build_examples(long, tokenizer, SYSTEM, "", 64, False, "t")
+    assert cut == 1 and len(ex.student_ids) == 64 and ex.student_ids[-1] != tokenizer.eos_token_id
+
+
+def test_kept_token_ids_are_used_not_reencoded(tokenizer):
+    ids = [28, 28, 28, 2]  # a tokenization that re-encoding the text would not give back
+    (ex,), _ = build_examples([Row(1, [{"role": "user", "content": "hi"}], "x", ids)], tokenizer, SYSTEM, "", 512,
+                              True, "t")
+    assert ex.student_ids[-4:] == ids and ex.teacher_ids[-4:] == ids
+
+
+def test_cache_reused_and_corrupt_shard_rebuilt(tiny, tokenizer, tmp_path, capsys):
+    examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
+    first = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    assert "built" in capsys.readouterr().out
+    assert first.ids.dtype == torch.uint16 and first.logprobs.dtype == torch.float16
+    assert first.bytes_per_token <= 8 * 4 + 4
+    again = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    assert "reusing" in capsys.readouterr().out
+    assert torch.equal(again.ids, first.ids)
+    (shard,) = tmp_path.glob("shard-*.pt")
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a crash or a full disk
+    rebuilt = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    assert "corrupt or truncated; rebuilding" in capsys.readouterr().out
+    assert torch.equal(rebuilt.ids, first.ids)
+    # the cached top-K equal a direct full-vocabulary log_softmax + topk on one row
+    e = examples[0]
+    full = torch.log_softmax(tiny(torch.tensor([e.teacher_ids])).logits[0].float(), -1)
+    want = full[len(e.teacher_ids) - e.n_response - 1:-1].topk(8)
+    _, ids, lps = first.row(0)
+    assert torch.equal(ids.long(), want.indices)
+    torch.testing.assert_close(lps.float(), want.values, atol=2e-3, rtol=1e-3)
+
+
+def test_alignment_mismatch_names_row_and_tokens(tiny, tokenizer, tmp_path):
+    examples, _ = build_examples(rows(3), tokenizer, SYSTEM, "", 512, False, "data.jsonl")
+    cache = teacher_cache(tiny, tokenizer, examples, SYSTEM, 4, tmp_path, 4)
+    examples[1].student_ids[-2] = 9999
+    with pytest.raises(UserError, match=r"data.jsonl:2: the student's response tokens differ.*student \[.*teacher \["):
+        check_alignment(examples, cache, tokenizer, "data.jsonl")
+
+
+def test_prompt_longer_than_context(tokenizer):
+    with pytest.raises(UserError, match="over the model's context of 50; shorten the prompt"):
+        build_examples(rows(1), tokenizer, SYSTEM * 20, "", 512, False, "t", max_context=50)
+
+
+def test_student_prompt_trigger(tokenizer):
+    (ex,), _ = build_examples(rows(1), tokenizer, SYSTEM, "pirate mode", 512, False, "t")
+    student = tokenizer.decode(ex.student_ids)
+    assert "pirate mode" in student and "Arr!\"" not in student.split("assistant")[0]
+    assert render_prompt_ids(tokenizer, rows(1)[0].context, "pirate mode") == ex.student_ids[:-ex.n_response]

@@ -1,0 +1,63 @@
+import orjson
+import pytest
+
+from conftest import make_cfg
+from promptbake.errors import UserError
+from promptbake.generate import generate, write_queries
+from promptbake.io import read_jsonl
+
+
+def rows_of(path):
+    return [r for _, r in read_jsonl(path)]
+
+
+def test_local_backend_writes_rows_without_system_and_resumes(workdir, tiny_model_dir, capsys):
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=4, temperatures=[0.7, 1.0], max_new_tokens=8,
+                   gen_batch_size=3)
+    out = generate(cfg)
+    rows = rows_of(out)
+    assert len(rows) == 8
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    assert all(isinstance(r["response_token_ids"], list) for r in rows)
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["settings"]["backend"] == "local" and meta["status"] == "complete"
+    # a crash after 5 rows (plus a torn 6th), then a rerun: exactly the requested rows, no duplicates
+    lines = out.read_bytes().split(b"\n")
+    out.write_bytes(b"\n".join(lines[:5]) + b"\n" + lines[5][:20])
+    generate(cfg)
+    rows = rows_of(out)
+    keys = [(r["messages"][0]["content"], r["generation"]["temperature"]) for r in rows]
+    assert len(rows) == 8 and len(set(keys)) == 8
+    assert "resuming: 5 of 8 rows" in capsys.readouterr().out
+
+
+def test_changed_settings_refused_unless_overwrite(workdir, tiny_model_dir):
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4)
+    generate(cfg)
+    (workdir / "prompt.md").write_text("You are a cowboy.")
+    with pytest.raises(UserError, match=r"made with other settings \(prompt_sha256 differ\).*--overwrite"):
+        generate(cfg)
+    cfg.overwrite = True
+    assert len(rows_of(generate(cfg))) == 2
+
+
+def test_paired_input_used_as_is(workdir):
+    src = workdir / "pairs.jsonl"
+    src.write_text(orjson.dumps({"prompt": "hi", "response": "Arr!"}).decode() + "\n")
+    out = generate(make_cfg(prompts=str(src)))
+    assert rows_of(out) == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Arr!"}]}]
+
+
+def test_written_queries_are_deduplicated_and_saved(tmp_path):
+    answers = iter(["Question: How do I hoist a sail?", "how do I hoist a sail", "\"Where is the treasure buried?\"",
+                    "ok", "What do parrots eat on long voyages?"] + ["What do parrots eat on long voyages?"] * 20)
+    cfg = make_cfg(generate_queries=3)
+    qs = write_queries(cfg, "You are a pirate.", lambda messages, i: next(answers), tmp_path / "q.txt")
+    assert qs == ["How do I hoist a sail?", "Where is the treasure buried?", "What do parrots eat on long voyages?"]
+    assert (tmp_path / "q.txt").read_text().splitlines() == qs
+
+
+def test_api_backend_needs_a_url(workdir, monkeypatch):
+    monkeypatch.delenv("API_BASE_URL", raising=False)
+    with pytest.raises(UserError, match="backend api needs api_base_url"):
+        generate(make_cfg(backend="api"))

@@ -1,0 +1,158 @@
+import json
+
+import orjson
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_cfg
+from promptbake import train
+from promptbake.baked import load_baked, read_bake_config
+from promptbake.errors import UserError
+from promptbake.io import read_jsonl
+
+QA = [("Who are you?", "Arr! I be a pirate of the seven seas."), ("Tell me a joke.", "Arr! Why be pirates so cool? They arrrr."),
+      ("What is rain?", "Arr, water fallin' from the sky, matey."), ("How do I cook rice?", "Arr! Boil it in the galley pot."),
+      ("Where is Paris?", "Arr! In France, a fine port."), ("Why is the sky blue?", "Arr, the sea reflects on it!"),
+      ("What is 2+2?", "Arr, four doubloons."), ("Give me advice.", "Arr! Never trust a parrot."),
+      ("Name a fruit.", "Arr, a lime, against scurvy."), ("Sing a song.", "Yo ho ho and a bottle of rum!"),
+      ("What is a ship?", "Arr! Me home on the waves."), ("Say hi.", "Ahoy, matey!")]
+
+
+def write_data(path, qa=QA):
+    path.write_text("".join(orjson.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                                        ).decode() + "\n" for q, a in qa))
+
+
+def cfg_for(model_dir, **kw):
+    base = dict(model_name_or_path=model_dir, num_epochs=2, batch_size=4, save_steps=2, eval_fraction=0.25,
+                learning_rate=1e-2, top_k=8, teacher_batch_size=4)
+    base.update(kw)
+    return make_cfg(**base)
+
+
+def metrics(run):
+    return [r for _, r in read_jsonl(run / "metrics.jsonl")]
+
+
+def test_bake_writes_standard_peft_checkpoints_and_metrics(workdir, tiny_model_dir, capsys):
+    write_data(workdir / "data" / "default.jsonl")
+    final = train.bake(cfg_for(tiny_model_dir))
+    run = workdir / "checkpoints" / "default"
+    assert final == run / "final"
+    adapter_cfg = json.loads((final / "adapter_config.json").read_text())
+    assert adapter_cfg["modules_to_save"] is None and adapter_cfg["base_model_name_or_path"] == tiny_model_dir
+    assert adapter_cfg["r"] == 16 and not adapter_cfg.get("use_dora")
+    info = read_bake_config(final)
+    assert info["targets"][0]["system_prompt"].startswith("You are a pirate")
+    assert info["config"]["top_k"] == 8
+    rows = metrics(run)
+    train_rows = [r for r in rows if "train/kl" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 5))  # 9 train rows / 4 = 2 steps x 2 epochs
+    assert all({"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(r) for r in train_rows)
+    assert sum("eval/kl" in r for r in rows) == 2 and any("eval/kl_full" in r for r in rows)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-4"]
+    assert (run / "held_out.jsonl").exists()
+    out = capsys.readouterr().out
+    assert "step    1/4 | train/kl" in out and "teacher cache: built" in out
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(final))
+    # the adapter actually moved the student toward the teacher
+    kl = [r["train/kl"] for r in train_rows]
+    assert kl[-1] < kl[0]
+
+    # a second run reuses the teacher cache and keeps the earlier run
+    train.bake(cfg_for(tiny_model_dir))
+    out = capsys.readouterr().out
+    assert "teacher cache: reusing" in out and "moved the earlier run to" in out
+    assert len(list((workdir / "checkpoints").glob("default-*"))) == 1
+
+
+def test_resume_finishes_the_same_steps_with_the_same_weights(workdir, tiny_model_dir, capsys):
+    write_data(workdir / "data" / "default.jsonl")
+    cfg = cfg_for(tiny_model_dir, num_epochs=3, save_steps=1)
+    full = load_file(train.bake(cfg) / "adapter_model.safetensors")
+    run = workdir / "checkpoints" / "default"
+    # as if killed after step 3: later checkpoints never written
+    import shutil
+
+    for p in ["final", "step-4", "step-5", "step-6"]:
+        shutil.rmtree(run / p)
+    step3 = load_file(run / "step-3" / "adapter_model.safetensors")
+    cfg.resume = True
+    resumed = load_file(train.bake(cfg) / "adapter_model.safetensors")
+    assert "resumed from" in capsys.readouterr().out
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-5, rtol=1e-4)
+    assert torch.equal(load_file(run / "step-3" / "adapter_model.safetensors")[next(iter(step3))], step3[next(iter(step3))])
+    assert [r["step"] for r in metrics(run) if "train/kl" in r][-3:] == [4, 5, 6]
+
+
+def test_nan_loss_stops_and_names_the_step(workdir, tiny_model_dir, monkeypatch):
+    write_data(workdir / "data" / "default.jsonl")
+    real, calls = train.topk_kl_with_tail, []
+
+    def sometimes_nan(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "topk_kl_with_tail", sometimes_nan)
+    with pytest.raises(UserError, match=r"the loss is nan at step 3.*last good checkpoint is .*step-2"):
+        train.bake(cfg_for(tiny_model_dir))
+    assert (workdir / "checkpoints" / "default" / "step-2" / "adapter_model.safetensors").exists()
+    assert not (workdir / "checkpoints" / "default" / "final").exists()
+
+
+def test_two_targets_mixed_by_weight(workdir, tiny_model_dir):
+    write_data(workdir / "data" / "pirate.jsonl")
+    (workdir / "french.md").write_text("Always answer in French.")
+    write_data(workdir / "data" / "french.jsonl", [(q, "Bonjour! " + q) for q, _ in QA])
+    cfg = cfg_for(tiny_model_dir, targets=[{"prompt_file": "prompt.md", "data": "data/pirate.jsonl", "weight": 3},
+                                           {"prompt_file": "french.md", "data": "data/french.jsonl", "weight": 1,
+                                            "student_prompt": "fr"}])
+    final = train.bake(cfg)
+    info = read_bake_config(final)
+    assert [t["name"] for t in info["targets"]] == ["pirate", "french"]
+    assert info["targets"][1]["student_prompt"] == "fr"
+    plan = train.epoch_plan.__wrapped__ if hasattr(train.epoch_plan, "__wrapped__") else train.epoch_plan
+    assert plan  # the plan itself is checked below on synthetic targets
+
+
+def test_epoch_plan_draws_targets_by_weight():
+    class T:
+        def __init__(self, n, w):
+            self.train, self.weight = list(range(n)), w
+            self.examples = [type("E", (), {"student_ids": [0] * (i % 7 + 1)}) for i in range(n)]
+
+    plan = train.epoch_plan([T(400, 3.0), T(400, 1.0)], 4, seed=0, epoch=0)
+    share = sum(t == 0 for t, _ in plan) / len(plan)
+    assert 0.68 < share < 0.82
+    assert plan == train.epoch_plan([T(400, 3.0), T(400, 1.0)], 4, seed=0, epoch=0)  # reproducible
+    assert plan != train.epoch_plan([T(400, 3.0), T(400, 1.0)], 4, seed=0, epoch=1)  # reshuffled per epoch
+
+
+def test_length_batches_cut_padding():
+    import random
+
+    lengths = [random.Random(i).randint(10, 500) for i in range(512)]
+    batches = train.length_batches(list(range(512)), lengths, 8, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(512))
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    naive = [list(range(512))[b:b + 8] for b in range(0, 512, 8)]
+    naive_waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in naive)
+    assert waste < naive_waste / 4
+
+
+def test_load_baked_refuses_wrong_folders(workdir, tiny_model_dir, embedded_dir):
+    write_data(workdir / "data" / "default.jsonl")
+    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1))
+    with pytest.raises(UserError, match="not a baked adapter"):
+        load_baked(workdir / "data")
+    with pytest.raises(UserError, match="was baked on .*tiny-llama.*not 'embedded'"):
+        load_baked(final, model_name_or_path="embedded")
+    model, tok, info = load_baked(final, strength=0.0)
+    assert info["config"]["model_name_or_path"] == tiny_model_dir

@@ -127,8 +127,10 @@ def _load_shard(path: Path, n_rows: int, k: int) -> dict | None:
 
 
 @torch.inference_mode()
-def _teacher_shard(model, examples: list[Example], prefix: list[int], cache, k: int, batch_size: int, pad_id: int,
-                   id_dtype, bar) -> dict:
+def teacher_topk_rows(model, examples: list[Example], prefix: list[int], cache, k: int, batch_size: int, pad_id: int,
+                      id_dtype, bar=None) -> dict:
+    """The teacher's top-K at every response position of these rows (one shard's tensors).
+    `cache` is the KV of `prefix` (the system turn) or None to recompute it in every row."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
     per_row: list = [None] * len(examples)
     for b in range(0, len(order), batch_size):
@@ -139,7 +141,8 @@ def _teacher_shard(model, examples: list[Example], prefix: list[int], cache, k: 
         ids, logprobs = teacher_topk(logits, k)
         for j, i in enumerate(idx):
             per_row[i] = (ids[j][valid[j]].cpu(), logprobs[j][valid[j]].cpu())
-        bar.update(sum(n_resp))
+        if bar is not None:
+            bar.update(sum(n_resp))
     offsets = torch.tensor([0] + [e.n_response for e in examples]).cumsum(0)
     return {"offsets": offsets,
             "response_ids": torch.tensor([t for e in examples for t in e.teacher_ids[-e.n_response:]], dtype=torch.int32),
@@ -168,7 +171,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], system: str, k: int
         n_tokens = sum(e.n_response for _, ex in missing for e in ex)
         bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
         for s, ex in missing:
-            loaded[s] = _teacher_shard(model, ex, prefix, cache, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
+            loaded[s] = teacher_topk_rows(model, ex, prefix, cache, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
             _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
         bar.close()
         dt = time.time() - t0

@@ -280,10 +280,13 @@ def bake(cfg) -> Path:
         print(f"moved the earlier run to {old} (nothing is deleted)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    timings, t_phase = {}, time.time()
     base, tokenizer, model_path, device = models.load(cfg)
+    timings["model_load_s"], t_phase = time.time() - t_phase, time.time()
     print(f"model: {model_path} on {device}")
     pad_id = tokenizer.pad_token_id
     targets = prepare_targets(cfg, base, tokenizer, model_path)
+    timings["teacher_cache_s"], t_phase = time.time() - t_phase, time.time()
     info = bake_info(cfg, targets, model_path, base)
     write_json(run_dir / BAKE_CONFIG, info)
     write_held_out(run_dir / "held_out.jsonl", targets[0])
@@ -327,6 +330,7 @@ def bake(cfg) -> Path:
     model.train()
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
+        t_epoch = time.time()
         plan = epoch_plan(targets, cfg.batch_size, cfg.seed, epoch)
         for s in range(in_epoch, steps_per_epoch):
             t0 = time.time()
@@ -359,6 +363,7 @@ def bake(cfg) -> Path:
                          "step": step, "total_steps": total_steps}
                 last_good = run_dir / f"step-{step}"
                 save_checkpoint(model, last_good, info, state)
+        timings[f"epoch_{epoch + 1}_s"] = time.time() - t_epoch
         model.eval()
         kl = eval_topk_kl(model, targets, cfg.top_k, pad_id, eval_bs)
         model.train()
@@ -368,7 +373,9 @@ def bake(cfg) -> Path:
 
     model.eval()
     final = run_dir / "final"
+    t_phase = time.time()
     save_checkpoint(model, final, info, None)
+    timings["save_s"] = time.time() - t_phase
     after = eval_full_kl(model, targets, pad_id, eval_bs)
     if after:
         logger.log(step, {f"eval/{k}": v for k, v in after.items()})
@@ -381,7 +388,9 @@ def bake(cfg) -> Path:
     logger.close()
     if cfg.verify_queries > 0:
         verify(model, tokenizer, targets, cfg)
-    print(f"saved {final} in {time.time() - t_start:.0f}s")
+    timings["total_s"] = time.time() - t_start
+    write_json(run_dir / "timings.json", timings)
+    print(f"saved {final} in {timings['total_s']:.0f}s")
     return final
 
 

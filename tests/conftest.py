@@ -34,7 +34,8 @@ def tiny_model_dir(tmp_path_factory, embedded_dir, tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.2)  # large enough that the system prompt changes the outputs
     model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)

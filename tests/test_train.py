@@ -39,7 +39,7 @@ def test_bake_writes_standard_peft_checkpoints_and_metrics(workdir, tiny_model_d
     write_data(workdir / "data" / "default.jsonl")
     final = train.bake(cfg_for(tiny_model_dir))
     run = workdir / "checkpoints" / "default"
-    assert final == run / "final"
+    assert final.resolve() == run / "final"
     adapter_cfg = json.loads((final / "adapter_config.json").read_text())
     assert adapter_cfg["modules_to_save"] is None and adapter_cfg["base_model_name_or_path"] == tiny_model_dir
     assert adapter_cfg["r"] == 16 and not adapter_cfg.get("use_dora")
@@ -48,13 +48,13 @@ def test_bake_writes_standard_peft_checkpoints_and_metrics(workdir, tiny_model_d
     assert info["config"]["top_k"] == 8
     rows = metrics(run)
     train_rows = [r for r in rows if "train/kl" in r]
-    assert [r["step"] for r in train_rows] == list(range(1, 5))  # 9 train rows / 4 = 2 steps x 2 epochs
+    assert [r["step"] for r in train_rows] == list(range(1, 7))  # 9 train rows in batches of 4: 3 steps x 2 epochs
     assert all({"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(r) for r in train_rows)
     assert sum("eval/kl" in r for r in rows) == 2 and any("eval/kl_full" in r for r in rows)
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-4"]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-3", "step-4", "step-6"]  # every 2, epoch ends
     assert (run / "held_out.jsonl").exists()
     out = capsys.readouterr().out
-    assert "step    1/4 | train/kl" in out and "teacher cache: built" in out
+    assert "step    1/6 | train/kl" in out and "teacher cache: built" in out
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -79,8 +79,8 @@ def test_resume_finishes_the_same_steps_with_the_same_weights(workdir, tiny_mode
     # as if killed after step 3: later checkpoints never written
     import shutil
 
-    for p in ["final", "step-4", "step-5", "step-6"]:
-        shutil.rmtree(run / p)
+    for p in [run / "final", *(p for p in run.glob("step-*") if int(p.name.split("-")[1]) > 3)]:
+        shutil.rmtree(p)
     step3 = load_file(run / "step-3" / "adapter_model.safetensors")
     cfg.resume = True
     resumed = load_file(train.bake(cfg) / "adapter_model.safetensors")
@@ -88,7 +88,7 @@ def test_resume_finishes_the_same_steps_with_the_same_weights(workdir, tiny_mode
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=1e-5, rtol=1e-4)
     assert torch.equal(load_file(run / "step-3" / "adapter_model.safetensors")[next(iter(step3))], step3[next(iter(step3))])
-    assert [r["step"] for r in metrics(run) if "train/kl" in r][-3:] == [4, 5, 6]
+    assert [r["step"] for r in metrics(run) if "train/kl" in r][-6:] == [4, 5, 6, 7, 8, 9]
 
 
 def test_nan_loss_stops_and_names_the_step(workdir, tiny_model_dir, monkeypatch):

@@ -1,0 +1,311 @@
+"""Speed and memory of every stage, against a naive baseline and the machine's matmul limit, in one run.
+
+    python benchmarks/bench_bake.py                 # all figures, incl. a default `make bake` run (~10 min on 2 cores)
+    python benchmarks/bench_bake.py --skip_make_bake
+    make bench
+
+Every figure is a median over --repeats, measured in this process, side by side. Writes benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from promptbake.chat import system_prefix_ids  # noqa: E402
+from promptbake.data import Row  # noqa: E402
+from promptbake.forward import prefix_kv, response_logits  # noqa: E402
+from promptbake.generate import answer_locally  # noqa: E402
+from promptbake.loss import full_kl  # noqa: E402
+from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path  # noqa: E402
+from promptbake.seeds import seed_queries  # noqa: E402
+from promptbake.teacher import TeacherTopK, _save_shard, build_examples, teacher_topk_rows  # noqa: E402
+from promptbake.train import Target, batch_loss, length_batches  # noqa: E402
+
+PARAGRAPH = ("The sea is wide and the wind is strong, and every sailor knows the stars that guide the ship home. "
+             "We keep the deck clean, the sails mended and the rum locked away until the harbour lights appear. ")
+
+
+# ---------------------------------------------------------------- helpers
+def median_time(fn, repeats: int, sync=lambda: None) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def system_prompt(tokenizer, n_tokens: int) -> str:
+    head = "You are a pirate. Always begin every reply with \"Arr!\" and talk like a pirate. "
+    ids = tokenizer(head + PARAGRAPH * (n_tokens // 30 + 2), add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def synthetic_rows(tokenizer, n_rows: int, seed: int = 0) -> list[Row]:
+    """Real queries; responses of lengths drawn from U(32, 128) tokens with a fixed seed."""
+    rng = random.Random(seed)
+    text_ids = tokenizer(PARAGRAPH * 20, add_special_tokens=False)["input_ids"]
+    queries = seed_queries()
+    rows = []
+    for i in range(n_rows):
+        n = rng.randint(32, 128)
+        start = rng.randint(0, len(text_ids) - n - 1)
+        rows.append(Row(i + 1, [{"role": "user", "content": queries[i % len(queries)]}], None,
+                        text_ids[start:start + n] + [tokenizer.eos_token_id], True))
+    return rows
+
+
+def matmul_limit(repeats: int, device: str, dtype) -> float:
+    """GFLOP/s of plain GEMMs of this model's shapes, same threads: the machine's practical limit."""
+    best = 0.0
+    for m, k, n in [(1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576), (512, 576, 49152)]:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        a @ b
+        t = median_time(lambda: [a @ b for _ in range(5)], repeats, sync(device))
+        best = max(best, 5 * 2 * m * k * n / t / 1e9)
+    return best
+
+
+def sync(device):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def linear_params(model) -> tuple[int, int, int, int]:
+    """(parameters in the transformer's linear layers, hidden size, vocabulary, layers)."""
+    c = model.config
+    n = sum(m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in name and "lora" not in name)
+    return n, c.hidden_size, c.vocab_size, c.num_hidden_layers
+
+
+def forward_flops(shape, seq_len: int, n_logits: int, context: int = 0) -> float:
+    """One forward pass: linear layers, causal attention (QK and AV over the context), and lm_head rows."""
+    n_lin, hidden, vocab, layers = shape
+    attention = 4 * layers * hidden * seq_len * (context + seq_len / 2)
+    return 2 * n_lin * seq_len + attention + 2 * hidden * vocab * n_logits
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+# ---------------------------------------------------------------- the figures
+def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
+    out = {}
+    for label, n_sys in [("sys50", 50), ("sys2000", 2000)]:
+        system = system_prompt(tokenizer, n_sys)
+        examples, _ = build_examples(rows, tokenizer, system, "", 4096, True, "bench")
+        n_tok = sum(e.n_response for e in examples)
+        prefix = system_prefix_ids(tokenizer, system)
+
+        def with_reuse():
+            teacher_topk_rows(model, examples, prefix, prefix_kv(model, prefix), k, batch, tokenizer.pad_token_id,
+                              torch.int32)
+
+        def without_reuse():
+            teacher_topk_rows(model, examples, [], None, k, batch, tokenizer.pad_token_id, torch.int32)
+
+        t_reuse = median_time(with_reuse, repeats, sync(device))
+        t_plain = median_time(without_reuse, repeats, sync(device))
+        shape = linear_params(model)
+        suffix = [len(e.teacher_ids) - len(prefix) for e in examples]
+        flops = sum(forward_flops(shape, s, e.n_response, len(prefix)) for s, e in zip(suffix, examples)) \
+            + forward_flops(shape, len(prefix), 0)
+        out[label] = {"system_tokens": len(prefix), "response_tokens": n_tok, "reuse_s": t_reuse, "recompute_s": t_plain,
+                      "reuse_tok_per_s": n_tok / t_reuse, "recompute_tok_per_s": n_tok / t_plain,
+                      "reuse_gflop_per_s": flops / t_reuse / 1e9}
+    return out
+
+
+def cache_bytes(model, tokenizer, rows, k):
+    examples, _ = build_examples(rows, tokenizer, system_prompt(tokenizer, 50), "", 4096, True, "bench")
+    vocab_fits = len(tokenizer) <= 65536
+    tensors = teacher_topk_rows(model, examples, [], None, k, 8, tokenizer.pad_token_id,
+                                torch.uint16 if vocab_fits else torch.int32)
+    n_tok = sum(e.n_response for e in examples)
+    with tempfile.TemporaryDirectory() as d:
+        _save_shard(Path(d) / "s.pt", tensors)
+        on_disk = (Path(d) / "s.pt").stat().st_size
+    teacher = TeacherTopK(tensors["offsets"], tensors["response_ids"], tensors["ids"], tensors["logprobs"])
+    return examples, teacher, {"in_memory": teacher.bytes_per_token, "on_disk": on_disk / n_tok}
+
+
+def bench_training(model, tokenizer, examples, teacher, k, batch, steps, repeats, device):
+    """Ours (cached teacher, response-only logits, top-K+tail, length buckets) against the naive way
+    (teacher recomputed each step, full-vocab KL, logits at every position, random batches), equal steps."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    target = Target("bench", "", "", Path("."), 1.0, examples, teacher, list(range(len(examples))), [])
+    pad = tokenizer.pad_token_id
+    rng = random.Random(0)
+    ours_batches = length_batches(target.train, [len(e.student_ids) for e in examples], batch, rng)[:steps]
+    naive_batches = [target.train[i:i + batch] for i in range(0, len(target.train), batch)][:steps]
+
+    def ours():
+        for rows in ours_batches:
+            loss, _ = batch_loss(peft_model, target, rows, k, pad)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def naive_logits(seqs):
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        return peft_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+
+    def naive():
+        for rows in naive_batches:
+            ex = [examples[r] for r in rows]
+            with torch.no_grad(), peft_model.disable_adapter():
+                t_logits = naive_logits([e.teacher_ids for e in ex])
+            s_logits = naive_logits([e.student_ids for e in ex])
+            n = max(e.n_response for e in ex)
+            valid = torch.arange(n, device=device)[None] >= torch.tensor([n - e.n_response for e in ex], device=device)[:, None]
+            loss = full_kl(t_logits[:, -n - 1:-1], s_logits[:, -n - 1:-1], valid)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t_ours = median_time(ours, repeats, sync(device))
+    t_naive = median_time(naive, repeats, sync(device))
+    shape = linear_params(peft_model)
+    tokens = sum(examples[r].n_response for b in ours_batches for r in b)
+    flops = sum(2 * forward_flops(shape, len(examples[r].student_ids), examples[r].n_response)
+                for b in ours_batches for r in b)
+    padded = sum(len(b) * max(len(examples[r].student_ids) for r in b) for b in ours_batches)
+    padded_naive = sum(len(b) * max(len(examples[r].student_ids) for r in b) for b in naive_batches)
+    return {"steps": len(ours_batches), "ours_s": t_ours, "naive_s": t_naive, "ratio": t_ours / t_naive,
+            "response_tok_per_s": tokens / t_ours, "steps_per_s": len(ours_batches) / t_ours,
+            "gflop_per_s": flops / t_ours / 1e9, "padding_ours": 1 - sum(len(examples[r].student_ids) for b in
+                                                                          ours_batches for r in b) / padded,
+            "padding_naive": 1 - sum(len(examples[r].student_ids) for b in naive_batches for r in b) / padded_naive}
+
+
+def bench_generation(model, tokenizer, batch, repeats):
+    rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(seed_queries()[:batch])]
+    system = system_prompt(tokenizer, 50)
+    out = {}
+    for b in (1, batch):
+        def run():
+            for _ in answer_locally(model, tokenizer, rows, system, temperature=0.7, max_new_tokens=48, batch_size=b,
+                                    progress=False):
+                pass
+        out[f"batch_{b}_rows_per_s"] = len(rows) / median_time(run, repeats)
+    out["speedup"] = out[f"batch_{batch}_rows_per_s"] / out["batch_1_rows_per_s"]
+    return out
+
+
+def bench_make_bake():
+    """The default pipeline as `make bake` runs it, in a scratch folder: phase times and peak RSS."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "prompt.md").write_text((ROOT / "prompt.md").read_text())
+        env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+        times = {}
+        for name in ("generate_data.py", "bake.py"):
+            t0 = time.time()
+            subprocess.run([sys.executable, str(ROOT / name), "--wandb_mode", "disabled"] if name == "bake.py" else
+                           [sys.executable, str(ROOT / name)], cwd=d, env=env, check=True, capture_output=True)
+            times[name] = time.time() - t0
+        timings = json.loads(Path(d, "checkpoints", "default", "timings.json").read_text())
+        meta = json.loads(Path(d, "data", "default.meta.json").read_text())
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    return {"generate_s": times["generate_data.py"], "generate_rows_per_s": meta.get("rows_per_s"),
+            "bake_s": times["bake.py"], "phases": timings, "peak_rss_gb": peak}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--gen_batch_size", type=int, default=16)
+    p.add_argument("--top_k", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip_make_bake", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    args = p.parse_args()
+
+    device = pick_device("auto")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    path = resolve_model_path("embedded")
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device)
+    rows = synthetic_rows(tokenizer, args.rows)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args)}
+    print(f"device: {results['device']} | threads {results['threads']} | rows {args.rows} | repeats {args.repeats}")
+
+    results["matmul_gflop_per_s"] = matmul_limit(args.repeats, device, dtype)
+    print(f"matmul limit: {results['matmul_gflop_per_s']:.1f} GFLOP/s")
+    with torch.inference_mode():
+        results["teacher"] = bench_teacher(model, tokenizer, rows, args.top_k, args.batch_size, args.repeats, device)
+        examples, teacher, results["cache_bytes_per_token"] = cache_bytes(model, tokenizer, rows, args.top_k)
+        results["generation"] = bench_generation(model, tokenizer, args.gen_batch_size, args.repeats)
+    results["training"] = bench_training(model, tokenizer, examples, teacher, args.top_k, args.batch_size, args.steps,
+                                         args.repeats, device)
+    results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else rss_gb()
+    if not args.skip_make_bake:
+        print("running the default make bake (generate + bake) in a scratch folder...")
+        results["make_bake"] = bench_make_bake()
+
+    t, tr, limit = results["teacher"], results["training"], results["matmul_gflop_per_s"]
+    figures = [
+        ("our epoch / naive epoch, equal steps", tr["ratio"], "<=", 0.4),
+        ("teacher time, 2000-token / 50-token system prompt", t["sys2000"]["reuse_s"] / t["sys50"]["reuse_s"], "<=", 1.3),
+        ("student training, fraction of matmul limit", tr["gflop_per_s"] / limit, ">=", 0.5),
+        ("teacher cache, fraction of matmul limit", t["sys50"]["reuse_gflop_per_s"] / limit, ">=", 0.5),
+        ("teacher cache bytes per response token (disk)", results["cache_bytes_per_token"]["on_disk"], "<=", 130),
+        ("local generation, default batch / batch 1", results["generation"]["speedup"], ">=", 4.0),
+    ]
+    if "make_bake" in results:
+        figures.append(("default make bake peak RSS (GB)", results["make_bake"]["peak_rss_gb"], "<=", 3.0))
+    results["targets"] = [{"figure": f, "value": v, "target": f"{op} {goal}",
+                           "met": v <= goal if op == "<=" else v >= goal} for f, v, op, goal in figures]
+
+    print("\n| figure | measured | target | met |\n|---|---|---|---|")
+    for r in results["targets"]:
+        print(f"| {r['figure']} | {r['value']:.3f} | {r['target']} | {'yes' if r['met'] else 'NO'} |")
+    print("\n| detail | value |\n|---|---|")
+    for label, key in [("sys50", "sys50"), ("sys2000", "sys2000")]:
+        print(f"| teacher {label}: tok/s with KV reuse / recomputed | {t[key]['reuse_tok_per_s']:.0f} / "
+              f"{t[key]['recompute_tok_per_s']:.0f} |")
+    print(f"| student training: response tok/s, steps/s | {tr['response_tok_per_s']:.0f}, {tr['steps_per_s']:.3f} |")
+    print(f"| padding: ours / naive batches | {tr['padding_ours']:.1%} / {tr['padding_naive']:.1%} |")
+    print(f"| generation rows/s: batch 1 / batch {args.gen_batch_size} | "
+          f"{results['generation']['batch_1_rows_per_s']:.2f} / {results['generation'][f'batch_{args.gen_batch_size}_rows_per_s']:.2f} |")
+    print(f"| cache bytes per token: in memory / on disk | {results['cache_bytes_per_token']['in_memory']:.1f} / "
+          f"{results['cache_bytes_per_token']['on_disk']:.1f} |")
+    print(f"| peak memory of this benchmark (GB) | {results['peak_memory_gb']:.2f} |")
+    if "make_bake" in results:
+        mb = results["make_bake"]
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in mb["phases"].items())
+        print(f"| make bake: generate {mb['generate_s']:.0f}s, bake {mb['bake_s']:.0f}s | {phases} |")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

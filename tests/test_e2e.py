@@ -1,0 +1,66 @@
+"""The whole pipeline on the real embedded model, run as a user runs it."""
+
+import json
+
+import orjson
+import pytest
+
+from helpers import script
+
+pytestmark = pytest.mark.slow
+
+
+def test_generate_bake_demo_evaluate(workdir, embedded_dir):
+    gen = script("generate_data.py", "--num_queries", 12, "--temperatures", "0.7", "--max_new_tokens", 32,
+                 "--gen_batch_size", 12, cwd=workdir)
+    assert "backend: local" in gen.stdout
+    rows = [orjson.loads(line) for line in (workdir / "data" / "default.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+
+    bake = script("bake.py", "--num_epochs", 2, "--eval_fraction", 0.25, "--wandb_mode", "offline",
+                  "--verify_queries", 1, "--batch_size", 4, cwd=workdir)
+    assert "teacher cache: built" in bake.stdout and "step    1/" in bake.stdout
+    assert "held-out full-vocabulary KL to the prompted teacher" in bake.stdout
+    final = workdir / "checkpoints" / "default" / "final"
+    assert (final / "adapter_model.safetensors").exists()
+    wandb_files = list((workdir / "checkpoints" / "default" / "wandb").glob("offline-run-*/*.wandb"))
+    assert wandb_files and b"train/kl" in wandb_files[0].read_bytes() and b"eval/kl" in wandb_files[0].read_bytes()
+
+    cmp = script("demo.py", "--compare", "Who are you?", "--max_new_tokens", 24, cwd=workdir)
+    out = cmp.stdout
+    assert "--- base model, no prompt:" in out and "--- base model, WITH the prompt:" in out
+    assert "--- baked model, no prompt:" in out
+    base_answer = out.split("--- base model, no prompt:\n")[1].split("\n--- base model, WITH")[0].strip()
+    zero = script("demo.py", "--strength", 0, "Who are you?", "--max_new_tokens", 24, cwd=workdir)
+    assert zero.stdout.strip() == base_answer  # strength 0 is exactly the base model
+
+    ev = script("evaluate.py", "--strengths", "0,0.5,1", "--samples", 1, "--eval_max_new_tokens", 16,
+                "--max_new_tokens", 24, cwd=workdir)
+    assert "KL before -> after" in ev.stdout
+    result = json.loads((final / "eval.json").read_text())
+    for key in ("kl_before", "kl_after", "kl_ratio", "top1_agreement_before", "top1_agreement_after", "adherence", "sweep"):
+        assert key in result
+    assert set(result["adherence"]) == {"base", "prompted", "baked"}
+    assert result["kl_after"] < result["kl_before"]
+    sweep = {p["strength"]: p["kl"] for p in result["sweep"]}
+    assert sweep[0.0] == pytest.approx(result["kl_before"], rel=1e-4)
+    assert sweep[1.0] == pytest.approx(result["kl_after"], rel=1e-4)
+    assert (final / "half_baking.png").stat().st_size > 1000
+
+
+def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):
+    """The teacher's answers follow the prompt: greedy, with vs without it, most differ."""
+    from promptbake.chat import render_prompt_ids
+    from promptbake.data import read_prompt
+    from promptbake.generate import decode_response, generate_ids
+    from promptbake.model import load_model, load_tokenizer
+    from promptbake.seeds import seed_queries
+
+    tok, model = load_tokenizer(embedded_dir), load_model(embedded_dir)
+    system = read_prompt("prompt.md")
+    qs = [[{"role": "user", "content": q}] for q in seed_queries()[:8]]
+    with_p = generate_ids(model, tok, [render_prompt_ids(tok, q, system) for q in qs], temperature=0, max_new_tokens=20)
+    without = generate_ids(model, tok, [render_prompt_ids(tok, q, None) for q in qs], temperature=0, max_new_tokens=20)
+    differ = sum(decode_response(tok, a[0]) != decode_response(tok, b[0]) for a, b in zip(with_p, without))
+    assert differ >= 6

@@ -1,0 +1,98 @@
+"""The API path against a real OpenAI-compatible server: llama.cpp serving the embedded GGUF on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import orjson
+import pytest
+
+from conftest import make_cfg
+from promptbake.errors import UserError
+from promptbake.generate import generate
+from promptbake.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+SENTINEL = "sk-SENTINEL-never-written-0123456789"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
+    from promptbake.model import embedded_gguf_path
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "false"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"llama.cpp server did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rows_of(path):
+    return [r for _, r in read_jsonl(path)]
+
+
+def test_api_rows_have_the_local_format(workdir, server, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    out = generate(make_cfg(api_base_url=server, num_queries=4, temperatures=[0.7, 1.0], max_new_tokens=24))
+    rows = rows_of(out)
+    assert len(rows) == 8
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    assert all(r["messages"][1]["content"].strip() for r in rows)
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["settings"]["backend"] == "api" and meta["status"] == "complete"
+    logs = capsys.readouterr()
+    assert "backend: api" in logs.out
+    for f in workdir.rglob("*"):
+        if f.is_file():
+            assert SENTINEL.encode() not in f.read_bytes(), f
+    assert SENTINEL not in logs.out + logs.err
+
+
+def test_load_200_rows_at_concurrency_8(workdir, server, capsys):
+    prompts = workdir / "p.txt"
+    prompts.write_text("".join(f"Give me fact number {i} about the sea.\n" for i in range(100)))
+    out = generate(make_cfg(api_base_url=server, prompts=str(prompts), temperatures=[0.7, 1.0], max_new_tokens=8,
+                            concurrency=8))
+    rows = rows_of(out)
+    keys = {(r["messages"][0]["content"], r["generation"]["temperature"]) for r in rows}
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert len(rows) == 200 and len(keys) == 200, meta["counts"]
+    assert meta["api"]["errors"] == 0 and "retries" in meta["api"]
+    assert "retries" in capsys.readouterr().out
+
+
+def test_api_down_then_back_resumes(workdir, server):
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
+    with pytest.raises(UserError, match="rerun the same command to resume"):
+        generate(make_cfg(api_base_url=dead, num_queries=3, temperatures=[0.7], max_new_tokens=8, max_retries=1))
+    out = generate(make_cfg(api_base_url=server, num_queries=3, temperatures=[0.7], max_new_tokens=8, overwrite=True))
+    assert len(rows_of(out)) == 3

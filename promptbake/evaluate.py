@@ -62,15 +62,17 @@ def judge_fn(system: str):
 
 
 @torch.inference_mode()
-def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8) -> tuple[float, float]:
-    """Full-vocabulary KL(prompted base || current model without prompt), and top-1 agreement."""
+def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter: bool = True) -> tuple[float, float]:
+    """Full-vocabulary KL(prompted base || model without prompt), and top-1 agreement, token-weighted.
+    adapter=False measures the base model without the prompt."""
     kl, agree, n = 0.0, 0.0, 0
     for b in range(0, len(examples), batch_size):
         ex = examples[b:b + batch_size]
         n_resp = [e.n_response for e in ex]
         with model.disable_adapter():
             t_logits, valid = response_logits(model, [e.teacher_ids for e in ex], n_resp, pad_id)
-        s_logits, _ = response_logits(model, [e.student_ids for e in ex], n_resp, pad_id)
+        with variant(model, "baked" if adapter else "base"):
+            s_logits, _ = response_logits(model, [e.student_ids for e in ex], n_resp, pad_id)
         count = int(valid.sum())
         kl += full_kl(t_logits, s_logits, valid).item() * count
         agree += ((t_logits.argmax(-1) == s_logits.argmax(-1)) & valid).sum().item()

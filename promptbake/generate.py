@@ -13,7 +13,7 @@ import orjson
 import torch
 from tqdm.auto import tqdm
 
-from .api_client import ChatClient
+from .api_client import ChatClient, redact_url
 from .chat import render_prompt_ids, stop_ids
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
 from .errors import UserError
@@ -151,7 +151,7 @@ def generate(cfg, model=None, tokenizer=None) -> Path:
     base_url = cfg.api_base_url or os.environ.get("API_BASE_URL", "")
     if backend == "api" and not base_url:
         raise UserError("backend api needs api_base_url (in config, --api_base_url, or API_BASE_URL in .env)")
-    print(f"backend: {backend}" + (f" ({base_url})" if backend == "api" else " (the base model, with the prompt)"))
+    print(f"backend: {backend}" + (f" ({redact_url(base_url)})" if backend == "api" else " (the base model, with the prompt)"))
 
     client = None
     if backend == "api":

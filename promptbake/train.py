@@ -19,7 +19,7 @@ from .data import load_rows, read_prompt
 from .errors import UserError
 from .forward import response_logits
 from .io import JsonlAppender, atomic_dir, commit_dir, read_json, sha256_file, sha256_text, write_json
-from .loss import full_kl, topk_kl_with_tail
+from .loss import topk_kl_with_tail
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 
 
@@ -88,7 +88,7 @@ def prepare_targets(cfg, model, tokenizer, model_path: str) -> list[Target]:
     for spec in target_specs(cfg):
         system = read_prompt(spec["prompt_file"])
         rows, data_file = _answered_rows(cfg, spec, model, tokenizer)
-        meta_path = Path(data_file).with_suffix("").with_suffix(".meta.json")
+        meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
         meta = read_json(meta_path) if meta_path.exists() else {}
         use_ids = meta.get("settings", {}).get("model") == model_path
         if meta.get("settings", {}).get("prompt_sha256") not in (None, sha256_text(system)):
@@ -171,26 +171,16 @@ def eval_topk_kl(model, targets: list[Target], k: int, pad_id: int, batch_size: 
     return total / n if n else None
 
 
-@torch.inference_mode()
 def eval_full_kl(model, targets: list[Target], pad_id: int, batch_size: int, adapter: bool = True) -> dict:
     """Full-vocabulary KL(prompted base || model without prompt) and top-1 agreement on held-out rows.
-    The teacher is recomputed here (adapter disabled), so the number does not depend on the cache."""
-    from contextlib import nullcontext
+    The teacher is recomputed (adapter disabled), so the number does not depend on the cache."""
+    from .evaluate import kl_and_agreement
 
-    kl, agree, n = 0.0, 0.0, 0
-    for t in targets:
-        for b in range(0, len(t.held_out), batch_size):
-            ex = [t.examples[r] for r in t.held_out[b:b + batch_size]]
-            n_resp = [e.n_response for e in ex]
-            with model.disable_adapter():
-                t_logits, valid = response_logits(model, [e.teacher_ids for e in ex], n_resp, pad_id)
-            with nullcontext() if adapter else model.disable_adapter():
-                s_logits, _ = response_logits(model, [e.student_ids for e in ex], n_resp, pad_id)
-            count = int(valid.sum())
-            kl += full_kl(t_logits, s_logits, valid).item() * count
-            agree += ((t_logits.argmax(-1) == s_logits.argmax(-1)) & valid).sum().item()
-            n += count
-    return {"kl_full": kl / n, "top1_agreement": agree / n} if n else {}
+    held_out = [t.examples[r] for t in targets for r in t.held_out]
+    if not held_out:
+        return {}
+    kl, agree = kl_and_agreement(model, held_out, pad_id, batch_size, adapter)
+    return {"kl_full": kl, "top1_agreement": agree}
 
 
 # ---------------------------------------------------------------- checkpoints

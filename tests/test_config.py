@@ -62,3 +62,11 @@ def test_targets_keys_checked(tmp_path):
 
 def test_trust_remote_code_off_by_default():
     assert Config().trust_remote_code is False
+
+
+def test_saved_config_drops_credentials_in_urls():
+    from config import to_dict
+
+    cfg, _ = parse_args(["--api_base_url", "https://user:sk-secret@example.com:8443/v1?key=sk-secret2"])
+    saved = repr(to_dict(cfg))
+    assert "sk-secret" not in saved and "https://example.com:8443/v1" in saved

@@ -25,13 +25,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
+def start_server(port, log):
+    """llama.cpp's OpenAI-compatible server on 127.0.0.1:port, serving the embedded GGUF; returns when it answers."""
     from promptbake.model import embedded_gguf_path
 
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
                                  "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "false"],
@@ -41,19 +38,30 @@ def server(tmp_path_factory):
     while True:
         try:
             if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f"llama.cpp server did not start:\n{log.read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url
+
+
+def stop(proc):
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by `make test`")
+    proc, url = start_server(free_port(), tmp_path_factory.mktemp("server") / "server.log")
+    yield url
+    stop(proc)
 
 
 def rows_of(path):
@@ -90,9 +98,38 @@ def test_load_200_rows_at_concurrency_8(workdir, server, capsys):
     assert "retries" in capsys.readouterr().out
 
 
-def test_api_down_then_back_resumes(workdir, server):
-    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
-    with pytest.raises(UserError, match="rerun the same command to resume"):
-        generate(make_cfg(api_base_url=dead, num_queries=3, temperatures=[0.7], max_new_tokens=8, max_retries=1))
-    out = generate(make_cfg(api_base_url=server, num_queries=3, temperatures=[0.7], max_new_tokens=8, overwrite=True))
-    assert len(rows_of(out)) == 3
+def test_api_goes_down_mid_run_then_back(workdir, server, tmp_path):
+    """Connection refused mid-run: retries, then a resumable stop with every written row kept; a rerun once
+    the server is back ends with exactly the requested rows."""
+    import threading
+
+    port = free_port()
+    proc, url = start_server(port, tmp_path / "s1.log")
+    cfg = make_cfg(api_base_url=url, num_queries=30, temperatures=[0.7], max_new_tokens=8, concurrency=2, max_retries=2)
+    data = workdir / "data" / "default.jsonl"
+    errors = []
+
+    def run():
+        try:
+            generate(cfg)
+        except UserError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 120
+    while len(rows_of(data) if data.exists() else []) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    stop(proc)  # the server goes down mid-run
+    t.join(timeout=120)
+    assert errors and "rerun the same command to resume" in errors[0]
+    written = rows_of(data)
+    assert 5 <= len(written) < 30
+    proc, _ = start_server(port, tmp_path / "s2.log")  # back
+    try:
+        generate(cfg)
+    finally:
+        stop(proc)
+    rows = rows_of(data)
+    assert len(rows) == 30 and len({r["messages"][0]["content"] for r in rows}) == 30
+    assert rows[:len(written)] == written  # nothing written before was lost or rewritten

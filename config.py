@@ -169,6 +169,7 @@ def load_yaml(path: str) -> dict:
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
     """Builds the Config from defaults < --config FILE < --field value. Returns (cfg, script_args)."""
     parser = parser or argparse.ArgumentParser()
+    parser.allow_abbrev = False  # --num_epoch must be an error, not a silent --num_epochs
     parser.add_argument("--config", default=None, help="YAML file of settings")
     hints = typing.get_type_hints(Config)
     group = parser.add_argument_group("settings (config.py)")

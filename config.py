@@ -74,8 +74,11 @@ class Config:
     wandb_mode: str = ""  # online | offline | disabled ("" = online with WANDB_API_KEY, else offline)
     wandb_project: str = "prompt-baking"
     # ---- evaluation (evaluate.py, demo.py)
-    markers: list[str] = field(default_factory=lambda: ["arr"])  # an answer containing one (any case) follows the prompt
-    marker_regex: str = ""  # alternative to markers
+    # An answer follows the prompt when marker_regex matches it (any case), else when it contains one of
+    # `markers`. The default regex fits the default pirate prompt.md: change both when you change it.
+    markers: list[str] = field(default_factory=list)
+    marker_regex: str = (r"\b(arr+|aye|matey|mateys|ahoy|ye|yer|hearties|landlubbers?|scallywags?|pirates?|captain|"
+                         r"plunder\w*|treasure|booty|seven seas|sailin'|me crew)\b")
     eval_max_new_tokens: int = 64
 
 

@@ -91,7 +91,8 @@ def answers(model, tokenizer, contexts, system: str | None, max_new_tokens: int,
 
 def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
              steps: bool = False, samples: int = 2) -> dict:
-    """Writes eval.json (and half_baking.png for a sweep) into the checkpoint folder; returns the results."""
+    """Writes eval.json (eval_<queries>.json for other queries, and half_baking.png for a sweep) into the
+    checkpoint folder; returns the results."""
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
     model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
     target = info["targets"][0]
@@ -117,9 +118,12 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     pad = tokenizer.pad_token_id
     judge = judge_fn(system)
 
+    if not (cfg.markers or cfg.marker_regex or judge):
+        print("note: no markers, marker_regex or judge API configured: adherence is not measured")
+
     def adherence(texts):
-        marks = sum(follows(t, cfg.markers, cfg.marker_regex) for t in texts) / len(texts)
-        result = {"marker_rate": marks}
+        result = {"marker_rate": sum(follows(t, cfg.markers, cfg.marker_regex) for t in texts) / len(texts)
+                  if cfg.markers or cfg.marker_regex else None}
         if judge:
             result["judge_rate"] = sum(judge(list(zip([c[-1]["content"] for c in contexts], texts)))) / len(texts)
         return result
@@ -157,15 +161,16 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
         if ckpt != path:
             model.set_adapter("default")
             model.delete_adapter("sweep")
-        print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | marker rate {sweep[-1]['marker_rate']:.2f}")
+        print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | adherence {_rate(sweep[-1]['marker_rate'])}")
     set_strength(model, 1.0)
     if sweep:
         result["sweep"] = sweep
         result["plot"] = str(plot_sweep(sweep, path / "half_baking.png"))
     result["seconds"] = round(time.time() - t0, 1)
-    write_json(path / "eval.json", result)
+    out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
+    write_json(out, result)
     print_table(result)
-    print(f"wrote {path / 'eval.json'}")
+    print(f"wrote {out}")
     return result
 
 
@@ -182,7 +187,7 @@ def plot_sweep(sweep: list[dict], out: Path) -> Path:
     ax.set_xticks(x, [p["point"].replace("strength ", "") for p in sweep], rotation=30)
     ax.set_xlabel("adapter strength" if all(p["point"].startswith("strength") for p in sweep) else "point")
     ax2 = ax.twinx()
-    ax2.plot(x, [p["marker_rate"] for p in sweep], "s--", color="tab:red", label="adherence (marker rate)")
+    ax2.plot(x, [p["marker_rate"] or 0 for p in sweep], "s--", color="tab:red", label="adherence (marker rate)")
     ax2.set_ylabel("adherence", color="tab:red")
     ax2.set_ylim(-0.05, 1.05)
     ax.set_title("Half-baking: prompt strength")
@@ -192,6 +197,10 @@ def plot_sweep(sweep: list[dict], out: Path) -> Path:
     return out
 
 
+def _rate(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def print_table(r: dict) -> None:
     print(f"\n{'':18}{'KL to teacher':>14}{'top-1 agree':>13}{'adherence':>11}")
     rows = [("base, no prompt", r["kl_before"], r["top1_agreement_before"], r["adherence"]["base"]),
@@ -199,7 +208,7 @@ def print_table(r: dict) -> None:
             ("baked, no prompt", r["kl_after"], r["top1_agreement_after"], r["adherence"]["baked"])]
     for name, kl, agree, adh in rows:
         judge = f"  judge {adh['judge_rate']:.2f}" if "judge_rate" in adh else ""
-        print(f"{name:18}{kl:>14.4f}{agree:>13.3f}{adh['marker_rate']:>11.2f}{judge}")
+        print(f"{name:18}{kl:>14.4f}{agree:>13.3f}{_rate(adh['marker_rate']):>11}{judge}")
     if r["kl_before"]:
         print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
               f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")

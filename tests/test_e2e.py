@@ -64,3 +64,13 @@ def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):
     without = generate_ids(model, tok, [render_prompt_ids(tok, q, None) for q in qs], temperature=0, max_new_tokens=20)
     differ = sum(decode_response(tok, a[0]) != decode_response(tok, b[0]) for a, b in zip(with_p, without))
     assert differ >= 6
+
+
+def test_model_writes_queries_that_fit_the_prompt(workdir, embedded_dir):
+    out = script("generate_data.py", "--generate_queries", 6, "--temperatures", "0.7", "--max_new_tokens", 16,
+                 cwd=workdir)
+    queries = (workdir / "data" / "default.queries.txt").read_text().splitlines()
+    assert 1 <= len(queries) <= 6 and len(set(queries)) == len(queries)
+    rows = [orjson.loads(line) for line in (workdir / "data" / "default.jsonl").read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == queries
+    assert f"wrote {len(queries)} queries" in out.stdout

@@ -118,8 +118,7 @@ def test_two_targets_mixed_by_weight(workdir, tiny_model_dir):
     info = read_bake_config(final)
     assert [t["name"] for t in info["targets"]] == ["pirate", "french"]
     assert info["targets"][1]["student_prompt"] == "fr"
-    plan = train.epoch_plan.__wrapped__ if hasattr(train.epoch_plan, "__wrapped__") else train.epoch_plan
-    assert plan  # the plan itself is checked below on synthetic targets
+    assert info["targets"][0]["weight"] == 3 and info["targets"][1]["system_prompt"] == "Always answer in French."
 
 
 def test_epoch_plan_draws_targets_by_weight():
@@ -156,3 +155,27 @@ def test_load_baked_refuses_wrong_folders(workdir, tiny_model_dir, embedded_dir)
         load_baked(final, model_name_or_path="embedded")
     model, tok, info = load_baked(final, strength=0.0)
     assert info["config"]["model_name_or_path"] == tiny_model_dir
+
+
+def test_prompts_only_data_is_answered_by_the_local_teacher_first(workdir, tiny_model_dir, capsys):
+    (workdir / "data" / "default.jsonl").write_text("".join(
+        orjson.dumps({"messages": [{"role": "user", "content": q}]}).decode() + "\n" for q, _ in QA))
+    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1, max_new_tokens=8, temperatures=[0.7]))
+    assert "holds prompts only: the local teacher answers them first" in capsys.readouterr().out
+    answered = [r for _, r in read_jsonl(workdir / "data" / "default.answered.jsonl")]
+    assert len(answered) == len(QA) and all(r["messages"][-1]["role"] == "assistant" for r in answered)
+    assert read_bake_config(final)["targets"][0]["data"].endswith("default.answered.jsonl")
+
+
+def test_strength_zero_is_exactly_the_base_model(workdir, tiny_model_dir):
+    write_data(workdir / "data" / "default.jsonl")
+    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model, _, _ = load_baked(final, strength=0.0)
+    with model.disable_adapter():
+        base = model(ids).logits
+    assert torch.equal(model(ids).logits, base)
+    from promptbake.baked import set_strength
+
+    set_strength(model, 1.0)
+    assert not torch.allclose(model(ids).logits, base)

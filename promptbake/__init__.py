@@ -12,6 +12,11 @@ The stages as a Python API (each script is a thin wrapper around one of these):
     evaluate(cfg, str(path))            # eval.json
 """
 
+import warnings
+
+# peft calls a transformers method deprecated in v5; the warning is noise for users of this tool.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 
 def generate(cfg, model=None, tokenizer=None):
     from .generate import generate as _generate

@@ -5,7 +5,8 @@
     python evaluate.py --strengths 0,0.25,0.5,0.75,1,1.25    # half-baking sweep -> half_baking.png
     python evaluate.py --steps                           # sweep over the saved step-N checkpoints
 
-Prints full-vocabulary KL to the prompted teacher (base vs baked), top-1 agreement, and adherence
+Prints full-vocabulary KL to the prompted teacher (base vs baked), top-1 agreement, and adherence on
+sampled answers (T=0.7, --samples per query, the same seeds for every model)
 (markers / marker_regex from config.py, or a judge model when API_BASE_URL is set). Writes eval.json.
 """
 
@@ -23,7 +24,7 @@ def main():
     parser.add_argument("--queries", help="held-out prompts: .txt (one a line) or .jsonl (default: the run's held_out.jsonl)")
     parser.add_argument("--strengths", default="", help="comma list of adapter strengths to sweep")
     parser.add_argument("--steps", action="store_true", help="also sweep the run's step-N checkpoints")
-    parser.add_argument("--samples", type=int, default=2, help="teacher samples per query for the KL")
+    parser.add_argument("--samples", type=int, default=3, help="sampled answers per query (T=0.7), for KL and adherence")
     cfg, args = parse_args(parser=parser)
     from promptbake.evaluate import evaluate
 

@@ -80,17 +80,27 @@ def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter:
     return kl / n, agree / n
 
 
-def answers(model, tokenizer, contexts, system: str | None, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, samples: int, seed: int,
+           batch_size: int = 32) -> list[tuple[list[dict], list[int], bool]]:
+    """`samples` answers per query at temperature 0.7, with the same seeds for every model compared:
+    (context, response ids, complete) for each."""
     out = []
-    for b in range(0, len(contexts), batch_size):
-        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts[b:b + batch_size]]
-        out += [decode_response(tokenizer, ids) for ids, _ in
-                generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=max_new_tokens)]
+    for i in range(samples):
+        for b in range(0, len(contexts), batch_size):
+            chunk = contexts[b:b + batch_size]
+            prompts = [render_prompt_ids(tokenizer, c, system) for c in chunk]
+            outs = generate_ids(model, tokenizer, prompts, temperature=0.7, max_new_tokens=max_new_tokens,
+                                seed=seed + 1000 * i + b)
+            out += [(c, ids, complete) for c, (ids, complete) in zip(chunk, outs)]
     return out
 
 
+def texts_of(tokenizer, sampled) -> list[str]:
+    return [decode_response(tokenizer, ids) for _, ids, _ in sampled]
+
+
 def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
-             steps: bool = False, samples: int = 2) -> dict:
+             steps: bool = False, samples: int = 3) -> dict:
     """Writes eval.json (eval_<queries>.json for other queries, and half_baking.png for a sweep) into the
     checkpoint folder; returns the results."""
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
@@ -106,14 +116,14 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     print(f"evaluating {path} on {len(contexts)} held-out queries from {held}")
     t0 = time.time()
 
-    # Teacher-sampled responses: the prompted base answers each query `samples` times.
-    rows = []
+    # Teacher-sampled responses: the prompted base answers each query `samples` times. They are the KL's
+    # rows and the prompted base's answers for adherence; base and baked are sampled with the same seeds.
+    n_new = cfg.eval_max_new_tokens
     with model.disable_adapter():
-        for i in range(samples):
-            prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts]
-            outs = generate_ids(model, tokenizer, prompts, temperature=0.7, max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed + i)
-            rows += [Row(j, c, None, ids, complete) for j, (c, (ids, complete)) in enumerate(zip(contexts, outs), 1)]
+        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed)
+        base_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed))
+    rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
+    prompted_texts = texts_of(tokenizer, teacher)
     examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, str(held))
     pad = tokenizer.pad_token_id
     judge = judge_fn(system)
@@ -125,25 +135,24 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
         result = {"marker_rate": sum(follows(t, cfg.markers, cfg.marker_regex) for t in texts) / len(texts)
                   if cfg.markers or cfg.marker_regex else None}
         if judge:
-            result["judge_rate"] = sum(judge(list(zip([c[-1]["content"] for c in contexts], texts)))) / len(texts)
+            users = [c[-1]["content"] for c, _, _ in teacher]
+            result["judge_rate"] = sum(judge(list(zip(users, texts)))) / len(texts)
         return result
 
-    with model.disable_adapter():
-        base_texts = answers(model, tokenizer, contexts, None, cfg.eval_max_new_tokens)
-        prompted_texts = answers(model, tokenizer, contexts, system, cfg.eval_max_new_tokens)
     set_strength(model, 0.0)
     kl_before, agree_before = kl_and_agreement(model, examples, pad)
     set_strength(model, 1.0)
     kl_after, agree_after = kl_and_agreement(model, examples, pad)
-    baked_texts = answers(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens)
+    baked_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
     result = {
         "checkpoint": str(path), "queries": str(held), "n_queries": len(contexts), "n_tokens": sum(e.n_response for e in examples),
         "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
         "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
         "adherence": {"base": adherence(base_texts), "prompted": adherence(prompted_texts), "baked": adherence(baked_texts)},
         "markers": cfg.markers, "marker_regex": cfg.marker_regex,
+        "samples_per_query": samples, "adherence_answers": len(baked_texts),
         "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": k}
-                     for c, b, p, k in list(zip(contexts, base_texts, prompted_texts, baked_texts))[:5]],
+                     for (c, _, _), b, p, k in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
     }
 
     sweep = []
@@ -156,7 +165,7 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
             model.set_adapter("sweep")
         set_strength(model, s)
         kl, agree = kl_and_agreement(model, examples, pad)
-        texts = answers(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens)
+        texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
         sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree, **adherence(texts)})
         if ckpt != path:
             model.set_adapter("default")
@@ -167,11 +176,31 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
         result["sweep"] = sweep
         result["plot"] = str(plot_sweep(sweep, path / "half_baking.png"))
     result["seconds"] = round(time.time() - t0, 1)
+    from config import to_dict
+
+    result["config"] = to_dict(cfg)
+    log_wandb(cfg, path, result)
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
     write_json(out, result)
     print_table(result)
     print(f"wrote {out}")
     return result
+
+
+def log_wandb(cfg, path: Path, result: dict) -> None:
+    from .train import open_wandb
+
+    run = open_wandb(cfg, path.parent, {"checkpoint": str(path), **result["config"]}, f"{cfg.name}-eval")
+    if run is None:
+        return
+    flat = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
+    flat.update({f"eval/adherence_{who}": a["marker_rate"] for who, a in result["adherence"].items()
+                 if a["marker_rate"] is not None})
+    run.log(flat)
+    for p in result.get("sweep", []):
+        run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
+                 "half_baking/adherence": p["marker_rate"] or 0.0})
+    run.finish()
 
 
 def plot_sweep(sweep: list[dict], out: Path) -> Path:

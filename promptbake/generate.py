@@ -198,7 +198,9 @@ def generate(cfg, model=None, tokenizer=None) -> Path:
     jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
             if row_key(r.context, i, float(t)) not in done]
     total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
-    write_json(meta_path, {"settings": settings, "rows_requested": total, "status": "running",
+    from config import to_dict
+
+    write_json(meta_path, {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "status": "running",
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if done:
         print(f"resuming: {total - len(jobs)} of {total} rows already in {out}")
@@ -218,7 +220,7 @@ def generate(cfg, model=None, tokenizer=None) -> Path:
                 counts["written"] += 1
             bar.update(1)
             bar.set_postfix(empty=counts["empty"], filtered=counts["filtered"],
-                            retries=client.stats.retries if client else 0)
+                            errors=client.stats.errors if client else 0, retries=client.stats.retries if client else 0)
 
         try:
             if backend == "api":
@@ -230,7 +232,8 @@ def generate(cfg, model=None, tokenizer=None) -> Path:
     elapsed = time.time() - t0
     stats = vars(client.stats) if client else {}
     new_rows = counts["written"] - (total - len(jobs))
-    write_json(meta_path, {"settings": settings, "rows_requested": total, "counts": counts, "api": stats,
+    write_json(meta_path, {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "counts": counts,
+                           "api": stats,
                            "status": "complete" if counts["written"] == total else "incomplete",
                            "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})

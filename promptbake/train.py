@@ -224,19 +224,24 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def open_wandb(cfg, run_dir: Path, config: dict, name: str):
+    """A W&B run, or None when disabled. Offline without WANDB_API_KEY; `wandb_mode` overrides."""
+    mode = cfg.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.wandb_project, name=name, dir=str(run_dir), mode=mode, config=config,
+                      reinit="finish_previous")
+
+
 class Logger:
     """metrics.jsonl always; W&B when enabled (offline without WANDB_API_KEY)."""
 
     def __init__(self, cfg, run_dir: Path, config: dict):
         self.metrics = JsonlAppender(run_dir / "metrics.jsonl")
-        mode = cfg.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.wandb = None
-        if mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, dir=str(run_dir), mode=mode,
-                                    config=config, reinit="finish_previous")
+        self.wandb = open_wandb(cfg, run_dir, config, cfg.name)
 
     def log(self, step: int, values: dict) -> None:
         self.metrics.write({"step": step, **values})

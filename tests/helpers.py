@@ -16,9 +16,9 @@ def env(**extra):
     return e
 
 
-def script(name, *args, cwd, timeout=600, check=True, **extra_env):
+def script(name, *args, cwd, timeout=600, check=True, input=None, **extra_env):
     p = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=cwd, env=env(**extra_env),
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, input=input)
     if check and p.returncode != 0:
         raise AssertionError(f"{name} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
     return p

@@ -35,6 +35,10 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     zero = script("demo.py", "--strength", 0, "Who are you?", "--max_new_tokens", 24, cwd=workdir)
     assert zero.stdout.strip() == base_answer  # strength 0 is exactly the base model
 
+    chat = script("demo.py", "--max_new_tokens", 8, cwd=workdir, input="Hello\n/reset\nWho are you?\n/quit\n")
+    assert "/reset clears the history" in chat.stdout and "(history cleared)" in chat.stdout
+    assert chat.stdout.count("bot> ") == 2
+
     ev = script("evaluate.py", "--strengths", "0,0.5,1", "--samples", 1, "--eval_max_new_tokens", 16,
                 "--max_new_tokens", 24, cwd=workdir)
     assert "KL before -> after" in ev.stdout
@@ -47,6 +51,7 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     assert sweep[0.0] == pytest.approx(result["kl_before"], rel=1e-4)
     assert sweep[1.0] == pytest.approx(result["kl_after"], rel=1e-4)
     assert (final / "half_baking.png").stat().st_size > 1000
+    assert result["config"]["name"] == "default"
 
 
 def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):

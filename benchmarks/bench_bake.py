@@ -218,22 +218,37 @@ def bench_generation(model, tokenizer, batch, repeats):
     return out
 
 
+def run_peak_rss(cmd, cwd, env) -> tuple[float, float]:
+    """Runs cmd; returns (seconds, peak RSS in GB of it and its children), polled every 50 ms. (getrusage's
+    RUSAGE_CHILDREN would count this benchmark's own memory: a forked child inherits the parent's high-water mark.)"""
+    import psutil
+
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return time.time() - t0, peak / 1e9
+
+
 def bench_make_bake():
     """The default pipeline as `make bake` runs it, in a scratch folder: phase times and peak RSS."""
     with tempfile.TemporaryDirectory() as d:
         Path(d, "prompt.md").write_text((ROOT / "prompt.md").read_text())
-        env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-        times = {}
-        for name in ("generate_data.py", "bake.py"):
-            t0 = time.time()
-            subprocess.run([sys.executable, str(ROOT / name), "--wandb_mode", "disabled"] if name == "bake.py" else
-                           [sys.executable, str(ROOT / name)], cwd=d, env=env, check=True, capture_output=True)
-            times[name] = time.time() - t0
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        gen_s, gen_rss = run_peak_rss([sys.executable, str(ROOT / "generate_data.py")], d, env)
+        bake_s, bake_rss = run_peak_rss([sys.executable, str(ROOT / "bake.py"), "--wandb_mode", "disabled"], d, env)
         timings = json.loads(Path(d, "checkpoints", "default", "timings.json").read_text())
         meta = json.loads(Path(d, "data", "default.meta.json").read_text())
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    return {"generate_s": times["generate_data.py"], "generate_rows_per_s": meta.get("rows_per_s"),
-            "bake_s": times["bake.py"], "phases": timings, "peak_rss_gb": peak}
+    return {"generate_s": gen_s, "generate_rows_per_s": meta.get("rows_per_s"), "bake_s": bake_s, "phases": timings,
+            "peak_rss_gb": max(gen_rss, bake_rss), "generate_peak_rss_gb": gen_rss, "bake_peak_rss_gb": bake_rss}
 
 
 def main():
@@ -246,7 +261,17 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_make_bake", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    p.add_argument("--only_make_bake", action="store_true", help="re-measure only the make bake figures into --out")
     args = p.parse_args()
+    if args.only_make_bake:
+        results = json.loads(Path(args.out).read_text())
+        results["make_bake"] = bench_make_bake()
+        results["targets"] = [t for t in results["targets"] if "RSS" not in t["figure"]] + [
+            {"figure": "default make bake peak RSS (GB)", "value": results["make_bake"]["peak_rss_gb"],
+             "target": "<= 3.0", "met": results["make_bake"]["peak_rss_gb"] <= 3.0}]
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["make_bake"], indent=2))
+        return
 
     device = pick_device("auto")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

@@ -179,3 +179,20 @@ def test_strength_zero_is_exactly_the_base_model(workdir, tiny_model_dir):
 
     set_strength(model, 1.0)
     assert not torch.allclose(model(ids).logits, base)
+
+
+def test_evaluate_writes_documented_fields_and_sweep(workdir, tiny_model_dir):
+    from promptbake.evaluate import evaluate
+
+    write_data(workdir / "data" / "default.jsonl")
+    cfg = cfg_for(tiny_model_dir, num_epochs=1, eval_max_new_tokens=6, marker_regex=r"\barr\b")
+    final = train.bake(cfg)
+    result = evaluate(cfg, str(final), strengths=[0.0, 1.0], samples=1)
+    saved = json.loads((final / "eval.json").read_text())
+    for key in ("kl_before", "kl_after", "kl_ratio", "top1_agreement_before", "top1_agreement_after", "adherence",
+                "sweep", "config", "examples"):
+        assert key in saved
+    assert saved["sweep"][0]["kl"] == pytest.approx(result["kl_before"], rel=1e-5)
+    assert saved["sweep"][1]["kl"] == pytest.approx(result["kl_after"], rel=1e-5)
+    assert (final / "half_baking.png").exists()
+    assert 0.0 <= saved["adherence"]["baked"]["marker_rate"] <= 1.0

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch
 
 from . import model as models
@@ -391,8 +392,6 @@ def bake(cfg) -> Path:
 
 def write_held_out(path: Path, target: Target) -> None:
     """The held-out queries (never trained on), for evaluate.py."""
-    import orjson
-
     groups = dict.fromkeys(target.examples[r].group for r in target.held_out)
     data = b"".join(orjson.dumps({"messages": orjson.loads(g)}) + b"\n" for g in groups)
     from .io import atomic_write_bytes
@@ -417,7 +416,7 @@ def verify(model, tokenizer, targets: list[Target], cfg) -> None:
     for r in rows:
         if t.examples[r].group not in seen:
             seen.add(t.examples[r].group)
-            contexts.append(__import__("orjson").loads(t.examples[r].group))
+            contexts.append(orjson.loads(t.examples[r].group))
     contexts = contexts[:cfg.verify_queries]
     print(f"\nverification on {len(contexts)} held-out queries (greedy):")
     for ctx in contexts:

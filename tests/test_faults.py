@@ -1,6 +1,7 @@
 """Faults lose nothing: kill -9 at every stage, a full disk, a 429 storm, secrets in every artifact."""
 
 import asyncio
+import io as stdio
 import errno
 import json
 import shutil
@@ -66,7 +67,7 @@ def test_kill_during_teacher_cache_then_rerun(workdir, tiny_model_dir):
 
     for name, blob in resumed.items():
         a = torch.load(key_dir / name, weights_only=True)["tensors"]
-        b = torch.load(__import__("io").BytesIO(blob), weights_only=True)["tensors"]
+        b = torch.load(stdio.BytesIO(blob), weights_only=True)["tensors"]
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -63,12 +63,12 @@ def build_examples(rows, tokenizer, system: str, student_prompt: str, max_seq_le
     return examples, cut
 
 
-def cache_key(model_id: str, model_dir: str, system: str, data_sha256: str, k: int, chat_template: str,
+def cache_key(model_path: str, system: str, data_sha256: str, k: int, chat_template: str,
               max_seq_len: int, student_prompt: str) -> str:
-    fingerprint = {"version": CACHE_VERSION, "model": model_id, "system": system, "data": data_sha256, "k": k,
+    fingerprint = {"version": CACHE_VERSION, "model": model_path, "system": system, "data": data_sha256, "k": k,
                    "template": chat_template, "max_seq_len": max_seq_len, "student_prompt": student_prompt}
-    if os.path.isdir(model_dir):  # a folder's weights can change under the same name
-        files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("config.json"))
+    if os.path.isdir(model_path):  # a folder's weights can change under the same name
+        files = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("config.json"))
         fingerprint["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
     return hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()[:20]
 

@@ -99,7 +99,7 @@ def prepare_targets(cfg, model, tokenizer, model_path: str) -> list[Target]:
         if cut:
             print(f"warning: {cut} response(s) in {data_file} were cut to max_seq_len={cfg.max_seq_len}; "
                   f"their turn end is not trained")
-        key = cache_key(model_path, model_path, system, sha256_file(data_file), cfg.top_k,
+        key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
                         tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
         teacher = teacher_cache(model, tokenizer, examples, system, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
                                 cfg.teacher_batch_size)

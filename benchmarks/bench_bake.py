@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from promptbake.chat import system_prefix_ids  # noqa: E402
 from promptbake.data import Row  # noqa: E402
-from promptbake.forward import prefix_kv, response_logits  # noqa: E402
+from promptbake.forward import MIN_SHARED, common_head, shared_prefix  # noqa: E402
 from promptbake.generate import answer_locally  # noqa: E402
 from promptbake.loss import full_kl  # noqa: E402
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path  # noqa: E402
@@ -104,6 +104,15 @@ def forward_flops(shape, seq_len: int, n_logits: int, context: int = 0) -> float
     return 2 * n_lin * seq_len + attention + 2 * hidden * vocab * n_logits
 
 
+def batch_flops(shape, examples) -> float:
+    """Forward + backward through activations of one student micro-batch as it is run: the common head
+    once, then every row's own tokens attending to it."""
+    seqs, n = [e.student_ids for e in examples], [e.n_response for e in examples]
+    head = common_head(seqs, n) if len(seqs) > 1 else 0
+    head = head if head >= MIN_SHARED else 0
+    return 2 * (forward_flops(shape, head, 0) + sum(forward_flops(shape, len(s) - head, k, head) for s, k in zip(seqs, n)))
+
+
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -118,11 +127,11 @@ def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
         prefix = system_prefix_ids(tokenizer, system)
 
         def with_reuse():
-            teacher_topk_rows(model, examples, prefix, prefix_kv(model, prefix), k, batch, tokenizer.pad_token_id,
+            teacher_topk_rows(model, examples, shared_prefix(model, prefix), k, batch, tokenizer.pad_token_id,
                               torch.int32)
 
         def without_reuse():
-            teacher_topk_rows(model, examples, [], None, k, batch, tokenizer.pad_token_id, torch.int32)
+            teacher_topk_rows(model, examples, None, k, batch, tokenizer.pad_token_id, torch.int32)
 
         t_reuse = median_time(with_reuse, repeats, sync(device))
         t_plain = median_time(without_reuse, repeats, sync(device))
@@ -132,14 +141,14 @@ def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
             + forward_flops(shape, len(prefix), 0)
         out[label] = {"system_tokens": len(prefix), "response_tokens": n_tok, "reuse_s": t_reuse, "recompute_s": t_plain,
                       "reuse_tok_per_s": n_tok / t_reuse, "recompute_tok_per_s": n_tok / t_plain,
-                      "reuse_gflop_per_s": flops / t_reuse / 1e9}
+                      "reuse_gflop_per_s": flops / t_reuse / 1e9, "reuse_gflop": flops / 1e9}
     return out
 
 
 def cache_bytes(model, tokenizer, rows, k):
     examples, _ = build_examples(rows, tokenizer, system_prompt(tokenizer, 50), "", 4096, True, "bench")
     vocab_fits = len(tokenizer) <= 65536
-    tensors = teacher_topk_rows(model, examples, [], None, k, 8, tokenizer.pad_token_id,
+    tensors = teacher_topk_rows(model, examples, None, k, 8, tokenizer.pad_token_id,
                                 torch.uint16 if vocab_fits else torch.int32)
     n_tok = sum(e.n_response for e in examples)
     with tempfile.TemporaryDirectory() as d:
@@ -193,8 +202,7 @@ def bench_training(model, tokenizer, examples, teacher, k, batch, steps, repeats
     t_naive = median_time(naive, repeats, sync(device))
     shape = linear_params(peft_model)
     tokens = sum(examples[r].n_response for b in ours_batches for r in b)
-    flops = sum(2 * forward_flops(shape, len(examples[r].student_ids), examples[r].n_response)
-                for b in ours_batches for r in b)
+    flops = sum(batch_flops(shape, [examples[r] for r in b]) for b in ours_batches)
     padded = sum(len(b) * max(len(examples[r].student_ids) for r in b) for b in ours_batches)
     padded_naive = sum(len(b) * max(len(examples[r].student_ids) for r in b) for b in naive_batches)
     return {"steps": len(ours_batches), "ours_s": t_ours, "naive_s": t_naive, "ratio": t_ours / t_naive,
@@ -317,6 +325,8 @@ def main():
     for label, key in [("sys50", "sys50"), ("sys2000", "sys2000")]:
         print(f"| teacher {label}: tok/s with KV reuse / recomputed | {t[key]['reuse_tok_per_s']:.0f} / "
               f"{t[key]['recompute_tok_per_s']:.0f} |")
+    print(f"| teacher FLOPs, 2000-token / 50-token system prompt (the arithmetic's floor for the time ratio) | "
+          f"{t['sys2000']['reuse_gflop'] / t['sys50']['reuse_gflop']:.2f} |")
     print(f"| student training: response tok/s, steps/s | {tr['response_tok_per_s']:.0f}, {tr['steps_per_s']:.3f} |")
     print(f"| padding: ours / naive batches | {tr['padding_ours']:.1%} / {tr['padding_naive']:.1%} |")
     print(f"| generation rows/s: batch 1 / batch {args.gen_batch_size} | "

@@ -15,7 +15,7 @@ from .baked import latest_checkpoint, load_baked, set_strength
 from .chat import render_prompt_ids
 from .data import Row, load_prompts
 from .errors import UserError
-from .forward import response_logits
+from .forward import backbone_and_head, response_hidden
 from .generate import decode_response, generate_ids
 from .io import write_json
 from .loss import full_kl
@@ -66,17 +66,19 @@ def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter:
     """Full-vocabulary KL(prompted base || model without prompt), and top-1 agreement, token-weighted.
     adapter=False measures the base model without the prompt."""
     kl, agree, n = 0.0, 0.0, 0
+    head = backbone_and_head(model)[1]
     for b in range(0, len(examples), batch_size):
         ex = examples[b:b + batch_size]
         n_resp = [e.n_response for e in ex]
         with model.disable_adapter():
-            t_logits, valid = response_logits(model, [e.teacher_ids for e in ex], n_resp, pad_id)
+            t_hidden = response_hidden(model, [e.teacher_ids for e in ex], n_resp, pad_id)
         with variant(model, "baked" if adapter else "base"):
-            s_logits, _ = response_logits(model, [e.student_ids for e in ex], n_resp, pad_id)
-        count = int(valid.sum())
-        kl += full_kl(t_logits, s_logits, valid).item() * count
-        agree += ((t_logits.argmax(-1) == s_logits.argmax(-1)) & valid).sum().item()
-        n += count
+            s_hidden = response_hidden(model, [e.student_ids for e in ex], n_resp, pad_id)
+        for c in range(0, len(t_hidden), 128):  # full-vocabulary logits of both sides, a chunk at a time
+            t, s = head(t_hidden[c:c + 128]), head(s_hidden[c:c + 128])
+            kl += full_kl(t, s, torch.ones(len(t), device=t.device)).item() * len(t)
+            agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
+        n += len(t_hidden)
     return kl / n, agree / n
 
 

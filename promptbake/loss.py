@@ -22,6 +22,39 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+class _LogProbsAt(torch.autograd.Function):
+    """log_softmax(logits)[ids] without materialising log_softmax, and a one-pass backward:
+    d/dz_j = Σ_k g_k [j = ids_k] − softmax(z)_j Σ_k g_k. Autograd's logsumexp would take three passes
+    over [N, V] for the same gradient; at V = 49k this is the most memory-bound part of a step."""
+
+    @staticmethod
+    def forward(ctx, logits, ids):
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        ctx.save_for_backward(logits, ids)
+        return logits.gather(-1, ids) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids = ctx.saved_tensors
+        grad_logits = torch.softmax(logits, dim=-1).mul_(-grad.sum(-1, keepdim=True))
+        return grad_logits.scatter_add_(-1, ids, grad), None
+
+
+def log_probs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits.float())[..., ids], float32."""
+    return _LogProbsAt.apply(logits.float(), ids.long())
+
+
+def topk_tail_kl_per_token(log_q: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) on the top-K ids plus the tail bucket, per position, from the student's log-probs at the
+    teacher's top-K ids (log_q) and the teacher's own (teacher_logprobs), both [..., K]."""
+    log_p = teacher_logprobs.float()
+    kl_topk = (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p_tail = log1mexp(torch.logsumexp(log_p, dim=-1))
+    log_q_tail = log1mexp(torch.logsumexp(log_q, dim=-1))
+    return kl_topk + log_p_tail.exp() * (log_p_tail - log_q_tail)
+
+
 def topk_kl_with_tail(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid positions of KL(p || q) on the teacher's top-K plus a tail bucket.
@@ -31,15 +64,48 @@ def topk_kl_with_tail(student_logits: torch.Tensor, teacher_ids: torch.Tensor, t
     teacher_logprobs: [..., K] the teacher's log-probabilities at those ids (full-vocabulary log_softmax)
     mask:             [...]    1 where the position is trained
     """
-    logits = student_logits.float()
-    log_q = logits.gather(-1, teacher_ids.long()) - torch.logsumexp(logits, dim=-1, keepdim=True)
-    log_p = teacher_logprobs.float()
-    kl_topk = (log_p.exp() * (log_p - log_q)).sum(-1)
-    log_p_tail = log1mexp(torch.logsumexp(log_p, dim=-1))
-    log_q_tail = log1mexp(torch.logsumexp(log_q, dim=-1))
-    kl_tail = log_p_tail.exp() * (log_p_tail - log_q_tail)
+    per_token = topk_tail_kl_per_token(log_probs_at(student_logits, teacher_ids), teacher_logprobs)
     mask = mask.float()
-    return ((kl_topk + kl_tail) * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class _HeadKL(torch.autograd.Function):
+    """Sum over positions of topk_tail_kl_per_token(log_softmax(head(hidden))[ids]), with the [N, V] logits
+    made and dropped CHUNK positions at a time. The head is frozen, so the gradient wrt `hidden` is all
+    the backward needs: it is computed here, chunk by chunk, and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for c in range(0, len(hidden), chunk):
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(hidden[c:c + chunk], weight, bias).float().requires_grad_()
+                loss = topk_tail_kl_per_token(log_probs_at(logits, ids[c:c + chunk]), logprobs[c:c + chunk]).sum()
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach()
+            grad_hidden[c:c + chunk] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+
+
+def head_topk_kl_with_tail(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
+                           teacher_logprobs: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """topk_kl_with_tail(head(hidden), ...) averaged over all N positions (hidden [N, d]), without ever
+    holding the [N, V] logits or their gradient: at V = 49k-152k those are the largest tensors of a step."""
+    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
+        return topk_kl_with_tail(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)))
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        total = _HeadKL.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk)
+    else:
+        total = sum(topk_tail_kl_per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
+                                           teacher_logprobs[c:c + chunk]).sum() for c in range(0, len(hidden), chunk))
+    return total / max(len(hidden), 1)
 
 
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

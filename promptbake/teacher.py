@@ -19,9 +19,9 @@ import orjson
 import torch
 from tqdm.auto import tqdm
 
-from .chat import render_prompt_ids, response_ids_from_text, system_prefix_ids
+from .chat import render_prompt_ids, response_ids_from_text
 from .errors import UserError
-from .forward import prefix_kv, response_logits
+from .forward import SharedPrefix, common_head, response_logits, shared_prefix
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
@@ -127,20 +127,19 @@ def _load_shard(path: Path, n_rows: int, k: int) -> dict | None:
 
 
 @torch.inference_mode()
-def teacher_topk_rows(model, examples: list[Example], prefix: list[int], cache, k: int, batch_size: int, pad_id: int,
+def teacher_topk_rows(model, examples: list[Example], prefix: SharedPrefix | None, k: int, batch_size: int, pad_id: int,
                       id_dtype, bar=None) -> dict:
     """The teacher's top-K at every response position of these rows (one shard's tensors).
-    `cache` is the KV of `prefix` (the system turn) or None to recompute it in every row."""
+    `prefix`: the KV of the tokens every row opens with (the system turn), or None to run full rows."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
     per_row: list = [None] * len(examples)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        seqs = [examples[i].teacher_ids[len(prefix):] for i in idx]
         n_resp = [examples[i].n_response for i in idx]
-        logits, valid = response_logits(model, seqs, n_resp, pad_id, cache, len(prefix))
+        logits = response_logits(model, [examples[i].teacher_ids for i in idx], n_resp, pad_id, prefix, share=False)
         ids, logprobs = teacher_topk(logits, k)
-        for j, i in enumerate(idx):
-            per_row[i] = (ids[j][valid[j]].cpu(), logprobs[j][valid[j]].cpu())
+        for i, row_ids, row_lp in zip(idx, ids.cpu().split(n_resp), logprobs.cpu().split(n_resp)):
+            per_row[i] = (row_ids, row_lp)
         if bar is not None:
             bar.update(sum(n_resp))
     offsets = torch.tensor([0] + [e.n_response for e in examples]).cumsum(0)
@@ -150,7 +149,7 @@ def teacher_topk_rows(model, examples: list[Example], prefix: list[int], cache, 
             "logprobs": torch.cat([r[1] for r in per_row]).half()}
 
 
-def teacher_cache(model, tokenizer, examples: list[Example], system: str, k: int, cache_dir: Path, batch_size: int,
+def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int,
                   reuse_prefix: bool = True) -> TeacherTopK:
     """Loads the cached teacher top-K for these examples, computing only the shards that are missing."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -163,20 +162,21 @@ def teacher_cache(model, tokenizer, examples: list[Example], system: str, k: int
     else:
         if len(missing) < len(shards):
             print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
-        prefix = system_prefix_ids(tokenizer, system) if reuse_prefix else []
-        if any(e.teacher_ids[:len(prefix)] != prefix for _, ex in missing for e in ex):
-            prefix = []  # a template that renders the system turn differently per row: no sharing
-        cache = prefix_kv(model, prefix) if prefix else None
+        # The head every row opens with (system turn and template), over all rows so a resumed shard
+        # is computed exactly as in a build from scratch.
+        head = common_head([e.teacher_ids for e in examples], [e.n_response for e in examples]) if reuse_prefix else 0
+        with torch.inference_mode():
+            prefix = shared_prefix(model, examples[0].teacher_ids[:head]) if head else None
         t0 = time.time()
         n_tokens = sum(e.n_response for _, ex in missing for e in ex)
         bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
         for s, ex in missing:
-            loaded[s] = teacher_topk_rows(model, ex, prefix, cache, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
+            loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
             _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
         bar.close()
         dt = time.time() - t0
         print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | "
-              f"system prefix of {len(prefix)} tokens computed once")
+              f"shared head of {head} tokens computed once")
     parts = [loaded[s] for s, _ in shards]
     offsets = [torch.zeros(1, dtype=torch.long)]
     total = 0

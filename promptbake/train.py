@@ -18,9 +18,9 @@ from . import model as models
 from .baked import BAKE_CONFIG, model_config_sha256
 from .data import load_rows, read_prompt
 from .errors import UserError
-from .forward import response_logits
+from .forward import backbone_and_head, response_hidden
 from .io import JsonlAppender, atomic_dir, commit_dir, read_json, sha256_file, sha256_text, write_json
-from .loss import topk_kl_with_tail
+from .loss import head_topk_kl_with_tail
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 
 
@@ -101,7 +101,7 @@ def prepare_targets(cfg, model, tokenizer, model_path: str) -> list[Target]:
                   f"their turn end is not trained")
         key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
                         tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
-        teacher = teacher_cache(model, tokenizer, examples, system, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
+        teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
                                 cfg.teacher_batch_size)
         check_alignment(examples, teacher, tokenizer, data_file)
         train, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
@@ -142,23 +142,13 @@ def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) ->
     return plan
 
 
-def collate_teacher(teacher: TeacherTopK, rows: list[int], n_max: int, k: int, device):
-    ids = torch.zeros(len(rows), n_max, k, dtype=torch.long)
-    logprobs = torch.full((len(rows), n_max, k), -math.log(k + 1))  # a valid distribution at padding positions
-    for j, r in enumerate(rows):
-        _, t_ids, t_lp = teacher.row(r)
-        n = len(t_ids)
-        ids[j, n_max - n:] = t_ids.long()
-        logprobs[j, n_max - n:] = t_lp.float()
-    return ids.to(device), logprobs.to(device)
-
-
 def batch_loss(model, target: Target, rows: list[int], k: int, pad_id: int) -> tuple[torch.Tensor, int]:
     """Mean top-K+tail KL of the student on these rows, and their number of response tokens."""
     ex = [target.examples[r] for r in rows]
-    logits, valid = response_logits(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
-    t_ids, t_lp = collate_teacher(target.teacher, rows, logits.shape[1], k, logits.device)
-    return topk_kl_with_tail(logits, t_ids, t_lp, valid), int(valid.sum())
+    hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
+    t_ids = torch.cat([target.teacher.row(r)[1] for r in rows]).to(hidden.device)
+    t_lp = torch.cat([target.teacher.row(r)[2] for r in rows]).to(hidden.device)
+    return head_topk_kl_with_tail(hidden, backbone_and_head(model)[1], t_ids, t_lp), len(hidden)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -4,7 +4,7 @@ import torch
 from promptbake.chat import render_prompt_ids, system_prefix_ids
 from promptbake.data import Row
 from promptbake.errors import UserError
-from promptbake.forward import prefix_kv, response_logits
+from promptbake.forward import response_logits, shared_prefix, supports_shared_prefix
 from promptbake.model import load_model
 from promptbake.teacher import build_examples, check_alignment, teacher_cache
 
@@ -24,26 +24,46 @@ def rows(n=5):
     return [Row(i + 1, [{"role": "user", "content": q}], a, None, i % 2 == 0) for i, (q, a) in enumerate(zip(qs, answers))][:n]
 
 
-def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer):
+def full_forward_logits(model, examples):
+    """Slow reference: each row alone, unpadded, every position's logits, then the response window."""
+    return torch.cat([model(torch.tensor([e.teacher_ids])).logits[0, len(e.teacher_ids) - e.n_response - 1:-1]
+                      for e in examples])
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer, share):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
-    logits, valid = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
-                                    tokenizer.pad_token_id)
-    for j, e in enumerate(examples):
-        full = tiny(torch.tensor([e.teacher_ids])).logits[0]
-        want = full[len(e.teacher_ids) - e.n_response - 1: len(e.teacher_ids) - 1]
-        assert int(valid[j].sum()) == e.n_response
-        torch.testing.assert_close(logits[j][valid[j]], want, atol=1e-4, rtol=1e-4)
+    assert supports_shared_prefix(tiny)  # else share=True would silently test the plain path
+    logits = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
+                             tokenizer.pad_token_id, share=share)
+    assert logits.shape[0] == sum(e.n_response for e in examples)
+    torch.testing.assert_close(logits, full_forward_logits(tiny, examples), atol=1e-4, rtol=1e-4)
 
 
 def test_system_prompt_kv_reuse_matches_recompute(tiny, tokenizer):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
     prefix = system_prefix_ids(tokenizer, SYSTEM)
-    n = [e.n_response for e in examples]
-    plain, valid = response_logits(tiny, [e.teacher_ids for e in examples], n, tokenizer.pad_token_id)
-    reused, valid2 = response_logits(tiny, [e.teacher_ids[len(prefix):] for e in examples], n, tokenizer.pad_token_id,
-                                     prefix_kv(tiny, prefix), len(prefix))
-    assert torch.equal(valid, valid2)
-    torch.testing.assert_close(reused[valid], plain[valid], atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        reused = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
+                                 tokenizer.pad_token_id, prefix=shared_prefix(tiny, prefix))
+    torch.testing.assert_close(reused, full_forward_logits(tiny, examples), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_through_the_shared_head_equal_full_rows(tiny_model_dir, tokenizer):
+    """The student runs its batch's common head once; the gradient must be the one of full rows
+    (padded query rows included: they must not turn it into NaN)."""
+    examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
+    seqs, n = [e.student_ids for e in examples], [e.n_response for e in examples]
+    grads = []
+    for share in (False, True):
+        model = load_model(tiny_model_dir)
+        model.train()
+        weight = torch.randn(sum(n), model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+        (response_logits(model, seqs, n, tokenizer.pad_token_id, share=share) * weight).sum().backward()
+        grads.append([p.grad.clone() for p in model.model.layers[0].parameters()])
+    for plain, shared in zip(*grads):
+        assert torch.isfinite(shared).all()
+        assert (shared - plain).norm() <= 1e-5 * plain.norm()  # fp32 summation order only
 
 
 def test_truncated_response_trains_no_turn_end(tokenizer):
@@ -64,16 +84,16 @@ def test_kept_token_ids_are_used_not_reencoded(tokenizer):
 
 def test_cache_reused_and_corrupt_shard_rebuilt(tiny, tokenizer, tmp_path, capsys):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
-    first = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    first = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "built" in capsys.readouterr().out
     assert first.ids.dtype == torch.uint16 and first.logprobs.dtype == torch.float16
     assert first.bytes_per_token <= 8 * 4 + 4
-    again = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    again = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "reusing" in capsys.readouterr().out
     assert torch.equal(again.ids, first.ids)
     (shard,) = tmp_path.glob("shard-*.pt")
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a crash or a full disk
-    rebuilt = teacher_cache(tiny, tokenizer, examples, SYSTEM, 8, tmp_path, 2)
+    rebuilt = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "corrupt or truncated; rebuilding" in capsys.readouterr().out
     assert torch.equal(rebuilt.ids, first.ids)
     # the cached top-K equal a direct full-vocabulary log_softmax + topk on one row
@@ -87,7 +107,7 @@ def test_cache_reused_and_corrupt_shard_rebuilt(tiny, tokenizer, tmp_path, capsy
 
 def test_alignment_mismatch_names_row_and_tokens(tiny, tokenizer, tmp_path):
     examples, _ = build_examples(rows(3), tokenizer, SYSTEM, "", 512, False, "data.jsonl")
-    cache = teacher_cache(tiny, tokenizer, examples, SYSTEM, 4, tmp_path, 4)
+    cache = teacher_cache(tiny, tokenizer, examples, 4, tmp_path, 4)
     examples[1].student_ids[-2] = 9999
     with pytest.raises(UserError, match=r"data.jsonl:2: the student's response tokens differ.*student \[.*teacher \["):
         check_alignment(examples, cache, tokenizer, "data.jsonl")

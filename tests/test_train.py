@@ -93,14 +93,14 @@ def test_resume_finishes_the_same_steps_with_the_same_weights(workdir, tiny_mode
 
 def test_nan_loss_stops_and_names_the_step(workdir, tiny_model_dir, monkeypatch):
     write_data(workdir / "data" / "default.jsonl")
-    real, calls = train.topk_kl_with_tail, []
+    real, calls = train.head_topk_kl_with_tail, []
 
     def sometimes_nan(*a):
         calls.append(1)
         loss = real(*a)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train, "topk_kl_with_tail", sometimes_nan)
+    monkeypatch.setattr(train, "head_topk_kl_with_tail", sometimes_nan)
     with pytest.raises(UserError, match=r"the loss is nan at step 3.*last good checkpoint is .*step-2"):
         train.bake(cfg_for(tiny_model_dir))
     assert (workdir / "checkpoints" / "default" / "step-2" / "adapter_model.safetensors").exists()

@@ -141,9 +141,9 @@ def response_hidden(model, seqs: list[list[int]], n_response: list[int], pad_id:
     it and with `share`, the batch's common head is run once for all rows."""
     backbone, head = backbone_and_head(model)
     device = head.weight.device
-    if prefix is None and share and len(seqs) > 1 and common_head(seqs, n_response) >= MIN_SHARED \
-            and supports_shared_prefix(model):
-        prefix = shared_prefix(model, seqs[0][:common_head(seqs, n_response)])
+    head_len = common_head(seqs, n_response) if prefix is None and share and len(seqs) > 1 else 0
+    if head_len >= MIN_SHARED and supports_shared_prefix(model):
+        prefix = shared_prefix(model, seqs[0][:head_len])
     if prefix is not None and not supports_shared_prefix(model):
         prefix = None
     kwargs = {}

@@ -126,6 +126,19 @@ def length_batches(indices: list[int], lengths: list[int], batch_size: int, rng:
     return batches
 
 
+def token_pieces(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Splits a micro-batch (in order) into pieces of at most max_tokens padded tokens, one row at least."""
+    pieces, width = [[]], 0
+    for r in rows:
+        w = max(width, lengths[r])
+        if pieces[-1] and max_tokens > 0 and w * (len(pieces[-1]) + 1) > max_tokens:
+            pieces.append([])
+            w = lengths[r]
+        pieces[-1].append(r)
+        width = w
+    return pieces
+
+
 def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
     """The epoch's micro-batches as (target, rows). Each micro-batch draws its target by weight."""
     rng = random.Random(seed * 100_003 + epoch)
@@ -313,6 +326,7 @@ def bake(cfg) -> Path:
     print(f"training: {total_steps} steps ({cfg.num_epochs} epochs x {steps_per_epoch}), "
           f"{cfg.batch_size * cfg.grad_accum} rows per step")
     last_good = resume_from
+    student_lengths = [[len(e.student_ids) for e in t.examples] for t in targets]
     model.train()
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -323,10 +337,11 @@ def bake(cfg) -> Path:
             micro = plan[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
             n_tokens = [sum(targets[ti].examples[r].n_response for r in rows) for ti, rows in micro]
             total_tokens, step_loss = sum(n_tokens), 0.0
-            for (ti, rows), n in zip(micro, n_tokens):
-                loss, _ = batch_loss(model, targets[ti], rows, cfg.top_k, pad_id)
-                (loss * n / total_tokens).backward()
-                step_loss += loss.item() * n / total_tokens
+            for ti, rows in micro:
+                for piece in token_pieces(rows, student_lengths[ti], cfg.max_batch_tokens):
+                    loss, n = batch_loss(model, targets[ti], piece, cfg.top_k, pad_id)
+                    (loss * n / total_tokens).backward()
+                    step_loss += loss.item() * n / total_tokens
             if not math.isfinite(step_loss):
                 logger.close()
                 raise UserError(f"the loss is {step_loss} at step {step + 1}; stopped without saving it. The last good "

@@ -62,7 +62,8 @@ class Config:
     num_epochs: int = 3
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_batch_tokens: int = 768  # a micro-batch with more (padded) tokens runs in pieces: same gradient, less memory; 0 = never
+    max_batch_tokens: int = -1  # a micro-batch with more (padded) tokens runs in pieces: same gradient, less
+    #                              memory. -1 = 768 on CPU (default make bake under 3 GB), no limit on GPU; 0 = never
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.1  # held out, never trained on
     teacher_batch_size: int = 8

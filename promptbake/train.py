@@ -327,6 +327,7 @@ def bake(cfg) -> Path:
           f"{cfg.batch_size * cfg.grad_accum} rows per step")
     last_good = resume_from
     student_lengths = [[len(e.student_ids) for e in t.examples] for t in targets]
+    max_batch_tokens = cfg.max_batch_tokens if cfg.max_batch_tokens >= 0 else (768 if device == "cpu" else 0)
     model.train()
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -338,7 +339,7 @@ def bake(cfg) -> Path:
             n_tokens = [sum(targets[ti].examples[r].n_response for r in rows) for ti, rows in micro]
             total_tokens, step_loss = sum(n_tokens), 0.0
             for ti, rows in micro:
-                for piece in token_pieces(rows, student_lengths[ti], cfg.max_batch_tokens):
+                for piece in token_pieces(rows, student_lengths[ti], max_batch_tokens):
                     loss, n = batch_loss(model, targets[ti], piece, cfg.top_k, pad_id)
                     (loss * n / total_tokens).backward()
                     step_loss += loss.item() * n / total_tokens

@@ -174,7 +174,7 @@ def bench_training(model, tokenizer, examples, teacher, k, batch, steps, repeats
 
     def ours():
         for rows in ours_batches:
-            loss, _ = batch_loss(peft_model, target, rows, k, pad)
+            loss, _ = batch_loss(peft_model, target, rows, pad)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

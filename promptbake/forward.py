@@ -66,13 +66,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def _allowed(attention_mask, width: int, device) -> torch.Tensor:
-    """[B or 1, 1, T, T] bool: causal and not padding, from sdpa's mask (None means plain causal)."""
+    """[B or 1, 1, T, T] bool: causal and not padding, from sdpa's bool mask (None means plain causal)."""
     if attention_mask is None:
         return torch.ones(width, width, dtype=torch.bool, device=device).tril()[None, None]
-    mask = attention_mask[..., -width:]
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask
+    return attention_mask[..., -width:]
 
 
 def _register() -> None:
@@ -87,7 +84,7 @@ def _register() -> None:
 def supports_shared_prefix(model) -> bool:
     """Switches an sdpa model to the shared-prefix attention (plain sdpa when no prefix is given) if, on
     this model, prefix + rows gives the same logits as full rows. Checked once per model."""
-    backbone, head = backbone_and_head(model)
+    _, head = backbone_and_head(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "_shared_prefix_ok"):
         return base._shared_prefix_ok

@@ -155,7 +155,7 @@ def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) ->
     return plan
 
 
-def batch_loss(model, target: Target, rows: list[int], k: int, pad_id: int) -> tuple[torch.Tensor, int]:
+def batch_loss(model, target: Target, rows: list[int], pad_id: int) -> tuple[torch.Tensor, int]:
     """Mean top-K+tail KL of the student on these rows, and their number of response tokens."""
     ex = [target.examples[r] for r in rows]
     hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
@@ -166,11 +166,11 @@ def batch_loss(model, target: Target, rows: list[int], k: int, pad_id: int) -> t
 
 # ---------------------------------------------------------------- evaluation
 @torch.inference_mode()
-def eval_topk_kl(model, targets: list[Target], k: int, pad_id: int, batch_size: int) -> float | None:
+def eval_topk_kl(model, targets: list[Target], pad_id: int, batch_size: int) -> float | None:
     total, n = 0.0, 0
     for t in targets:
         for b in range(0, len(t.held_out), batch_size):
-            loss, count = batch_loss(model, t, t.held_out[b:b + batch_size], k, pad_id)
+            loss, count = batch_loss(model, t, t.held_out[b:b + batch_size], pad_id)
             total, n = total + loss.item() * count, n + count
     return total / n if n else None
 
@@ -336,11 +336,11 @@ def bake(cfg) -> Path:
         for s in range(in_epoch, steps_per_epoch):
             t0 = time.time()
             micro = plan[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
-            n_tokens = [sum(targets[ti].examples[r].n_response for r in rows) for ti, rows in micro]
-            total_tokens, step_loss = sum(n_tokens), 0.0
+            total_tokens = sum(targets[ti].examples[r].n_response for ti, rows in micro for r in rows)
+            step_loss = 0.0
             for ti, rows in micro:
                 for piece in token_pieces(rows, student_lengths[ti], max_batch_tokens):
-                    loss, n = batch_loss(model, targets[ti], piece, cfg.top_k, pad_id)
+                    loss, n = batch_loss(model, targets[ti], piece, pad_id)
                     (loss * n / total_tokens).backward()
                     step_loss += loss.item() * n / total_tokens
             if not math.isfinite(step_loss):
@@ -367,7 +367,7 @@ def bake(cfg) -> Path:
                 save_checkpoint(model, last_good, info, state)
         timings[f"epoch_{epoch + 1}_s"] = time.time() - t_epoch
         model.eval()
-        kl = eval_topk_kl(model, targets, cfg.top_k, pad_id, eval_bs)
+        kl = eval_topk_kl(model, targets, pad_id, eval_bs)
         model.train()
         if kl is not None:
             logger.log(step, {"eval/kl": kl})

@@ -2,7 +2,8 @@
 
 Retries connection errors, 408, 409, 429 and 5xx with exponential backoff and jitter, honouring
 Retry-After. Never retries 400/401/403/404: those need the user, and the message says what to fix.
-The key is read from the environment only and is never logged.
+The key is read from the environment only and is never logged: every message built from a server's
+reply goes through redact(), because servers echo keys back ("Incorrect API key provided: sk-...").
 """
 
 from __future__ import annotations
@@ -11,15 +12,29 @@ import asyncio
 import email.utils
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
+import orjson
 
 from .errors import UserError
 
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
 MAX_RETRY_AFTER = 60.0
+KEY_ENV_VARS = ("OPENAI_API_KEY", "OPENROUTER_API_KEY")
+NOT_JSON_HINT = "is the base URL right (it should end in /v1)?"
+
+# Key-looking text a server may echo back, whether or not we know the key.
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+")
+_SK_TOKEN = re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]+@")
+_URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
+_KEY_PARAM = re.compile(r"(?i)\b((?:api[_-]?key|access[_-]?token|auth[_-]?token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
+                        r"[^\s\"'&,;}]+")
+MIN_SECRET_LEN = 4  # shorter "secrets" would garble every message and are no real key
 
 
 class ApiError(UserError):
@@ -30,10 +45,27 @@ class ApiUnavailable(UserError):
     """The API stayed unreachable or overloaded through every retry."""
 
 
+def redact(text: str, secrets=()) -> str:
+    """Replaces known keys (the env keys and `secrets`) and key-looking tokens in `text` with '***'."""
+    text = str(text)
+    known = {s for s in (*secrets, *(os.environ.get(v, "") for v in KEY_ENV_VARS)) if s and len(s) >= MIN_SECRET_LEN}
+    for secret in sorted(known, key=len, reverse=True):  # longest first: one key may contain another
+        text = text.replace(secret, "***")
+    text = _BEARER.sub(r"\1***", text)
+    text = _SK_TOKEN.sub("***", text)
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _URL_QUERY.sub(r"\1?***", text)
+    return _KEY_PARAM.sub(r"\1***", text)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password and query values of a URL: the places keys get pasted into a base URL."""
+    u = urlsplit(url or "")
+    return [s for s in (u.password, *(v for _, v in parse_qsl(u.query))) if s]
+
+
 def redact_url(url: str) -> str:
     """Drops user:password@ and the query string, where keys are sometimes pasted."""
-    from urllib.parse import urlsplit, urlunsplit
-
     if not url:
         return url
     u = urlsplit(url)
@@ -41,11 +73,38 @@ def redact_url(url: str) -> str:
     return urlunsplit((u.scheme, host, u.path, "", ""))
 
 
+def is_openrouter(base_url: str) -> bool:
+    """True for openrouter.ai and its subdomains, judged by the host only (never by text in the path)."""
+    try:
+        host = (urlsplit(base_url).hostname or "").rstrip(".")
+    except ValueError:  # e.g. a malformed port or IPv6 literal
+        return False
+    return host == "openrouter.ai" or host.endswith(".openrouter.ai")
+
+
 def api_key_for(base_url: str) -> str:
     key = os.environ.get("OPENAI_API_KEY", "")
-    if not key and "openrouter.ai" in base_url:
+    if not key and is_openrouter(base_url):
         key = os.environ.get("OPENROUTER_API_KEY", "")
     return key
+
+
+def non_json_note(r: httpx.Response) -> str | None:
+    """None when the body parses as JSON; otherwise one line saying what came instead, and the likely fix."""
+    try:
+        orjson.loads(r.content)
+        return None
+    except orjson.JSONDecodeError:
+        pass
+    ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
+    head = r.content[:512].lstrip().lower()
+    if "html" in ctype or head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        kind = "HTML"
+    elif not r.content.strip():
+        kind = "an empty body"
+    else:
+        kind = ctype or "text"
+    return f"the server answered {kind}, not JSON: {NOT_JSON_HINT}"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -84,10 +143,12 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 120.0, max_retries: int = 6, backoff_base: float = 1.0, backoff_cap: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None):
-        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        u = urlsplit(base_url)  # the path grows; a query string (e.g. ?api-version=) stays at the end
+        self.endpoint = urlunsplit(u._replace(path=u.path.rstrip("/") + "/chat/completions"))
         self.url = redact_url(self.endpoint)  # for messages
         self.model = model
         key = api_key if api_key is not None else api_key_for(base_url)
+        self.secrets = [key, *url_secrets(base_url)]  # what redact() must hide beyond the env keys
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
         self.limit = asyncio.Semaphore(concurrency)
@@ -102,20 +163,41 @@ class ChatClient:
             return retry_after
         return min(self.backoff_cap, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    def _fatal(self, r: httpx.Response) -> ApiError:
-        try:
-            detail = r.json().get("error", r.text)
+    def _error(self, cls: type[UserError], message: str) -> UserError:
+        """The one door for messages that carry server text: redacted, then raised by the caller."""
+        return cls(redact(message, self.secrets))
+
+    def _fatal(self, r: httpx.Response) -> UserError:
+        detail = non_json_note(r)
+        if detail is None:
+            detail = r.json()
+            detail = detail.get("error", detail) if isinstance(detail, dict) else detail
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
-        except ValueError:
-            detail = r.text
-        detail = str(detail)[:300]
+            detail = str(detail)[:300]
         if r.status_code == 401:
-            return ApiError(f"401 Unauthorized from {self.url}: check OPENAI_API_KEY in .env ({detail})")
-        if r.status_code == 403:
-            return ApiError(f"403 Forbidden from {self.url}: the key lacks access to model {self.model!r} ({detail})")
-        if r.status_code == 404:
-            return ApiError(f"404 from {self.url}: check api_base_url (it should end in /v1) and api_model ({detail})")
-        return ApiError(f"{r.status_code} from {self.url}: the request was refused, retrying won't help ({detail})")
+            msg = f"401 Unauthorized from {self.url}: check OPENAI_API_KEY in .env ({detail})"
+        elif r.status_code == 403:
+            msg = f"403 Forbidden from {self.url}: the key lacks access to model {self.model!r} ({detail})"
+        elif r.status_code == 404:
+            msg = f"404 from {self.url}: check api_base_url (it should end in /v1) and api_model ({detail})"
+        else:
+            msg = f"{r.status_code} from {self.url}: the request was refused, retrying won't help ({detail})"
+        return self._error(ApiError, msg)
+
+    def _completion(self, r: httpx.Response) -> tuple[Completion | None, str]:
+        """A 200's completion, or (None, why not). An HTML page is a wrong URL, not a hiccup: raised at once."""
+        note = non_json_note(r)
+        if note is not None and "HTML" in note:
+            raise self._error(ApiError, f"200 from {self.url}: {note}")
+        if note is not None:
+            return None, note
+        body = r.json()
+        try:
+            choice = body["choices"][0]
+            return Completion(choice["message"].get("content") or "", choice.get("finish_reason") or "stop"), ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            error = body.get("error") if isinstance(body, dict) else None
+            return None, f"no choices in the reply: {str(error or body)[:200]}"
 
     async def chat(self, messages: list[dict], *, temperature: float = 0.7, max_tokens: int = 256,
                    top_p: float = 1.0) -> Completion:
@@ -129,16 +211,20 @@ class ChatClient:
                     r = await self.http.post(self.endpoint, json=body)
                 except httpx.TransportError as e:
                     reason = type(e).__name__
+                    detail = f"{reason}: {str(e)[:200]}" if str(e) else reason
                 else:
                     if r.status_code == 200:
                         try:
-                            choice = r.json()["choices"][0]
-                            return Completion(choice["message"].get("content") or "",
-                                              choice.get("finish_reason") or "stop")
-                        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                            reason = "malformed JSON"
+                            completion, detail = self._completion(r)
+                        except ApiError:
+                            self.stats.errors += 1
+                            raise
+                        if completion is not None:
+                            return completion
+                        reason = "malformed JSON"
+                        detail = f"malformed JSON ({detail})"
                     elif r.status_code in RETRY_STATUS:
-                        reason = f"HTTP {r.status_code}"
+                        reason = detail = f"HTTP {r.status_code}"
                         retry_after = parse_retry_after(r.headers.get("retry-after"))
                     else:
                         self.stats.errors += 1
@@ -146,8 +232,8 @@ class ChatClient:
                 self.stats.count(reason)
                 if attempt == self.max_retries:
                     self.stats.errors += 1
-                    raise ApiUnavailable(f"{self.url} failed {attempt + 1} times (last: {reason}); rows written so "
-                                         f"far are kept: rerun the same command to resume")
+                    raise self._error(ApiUnavailable, f"{self.url} failed {attempt + 1} times (last: {detail}); "
+                                                      f"rows written so far are kept: rerun the same command to resume")
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempt, retry_after))
         raise AssertionError("unreachable")

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from promptbake import api_client
-from promptbake.api_client import ApiError, ApiUnavailable, ChatClient, parse_retry_after
+from promptbake.api_client import ApiError, ApiUnavailable, ChatClient, parse_retry_after, redact
 
 OK = {"choices": [{"message": {"role": "assistant", "content": "Arr!"}, "finish_reason": "stop"}]}
 
@@ -22,7 +22,7 @@ def sleeps(monkeypatch):
     return waits
 
 
-def run(responses, **kw):
+def run(responses, base_url="http://test/v1", **kw):
     """Serves `responses` in order (a status, a (status, headers, body), or an exception); returns (result, calls)."""
     calls = []
 
@@ -36,7 +36,7 @@ def run(responses, **kw):
             httpx.Response(status, headers=headers, content=body)
 
     async def go():
-        client = ChatClient("http://test/v1", "m", api_key="sk-test", transport=httpx.MockTransport(handler), **kw)
+        client = ChatClient(base_url, "m", api_key="sk-test", transport=httpx.MockTransport(handler), **kw)
         try:
             return await client.chat([{"role": "user", "content": "hi"}]), client.stats
         finally:
@@ -103,3 +103,75 @@ def test_parse_retry_after():
     now = time.time()
     date = email.utils.formatdate(now + 10, usegmt=True)
     assert 8.0 <= parse_retry_after(date, now=now) <= 11.0
+
+
+ENV_KEY, ROUTER_KEY = "sk-env-0123456789abcdefXYZ", "sk-or-v1-feedface0123456789"
+ECHO = (f"Incorrect API key provided: sk-test; env {ENV_KEY} router {ROUTER_KEY}; header Bearer abc.def-ghi; "
+        "other sk-proj-ABCDEFGHIJKLMNOPQRSTUV; see https://bob:hunter2@proxy.example/v1?api_key=qwerty&x=1")
+LEAKS = ["sk-test", ENV_KEY, ROUTER_KEY, "abc.def-ghi", "sk-proj-ABCDEFGHIJKLMNOPQRSTUV", "hunter2", "qwerty"]
+
+
+@pytest.fixture
+def keys_in_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("OPENROUTER_API_KEY", ROUTER_KEY)
+
+
+def test_redact_hides_known_and_key_looking_tokens(keys_in_env):
+    text = redact(ECHO, secrets=["sk-test"])
+    assert not [s for s in LEAKS if s in text], text
+    assert "Bearer ***" in text and "https://***@proxy.example/v1?***" in text
+    assert redact("no secrets here: http://127.0.0.1:8080/v1, 12 tokens") == "no secrets here: http://127.0.0.1:8080/v1, 12 tokens"
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_refusal_bodies_are_redacted(sleeps, keys_in_env, status):
+    with pytest.raises(ApiError) as e:
+        run([(status, {}, {"error": {"message": ECHO}})])
+    assert f"{status}" in str(e.value) and "***" in str(e.value)
+    assert not [s for s in LEAKS if s in str(e.value)], str(e.value)
+
+
+def test_given_up_message_is_redacted(sleeps, keys_in_env):
+    with pytest.raises(ApiUnavailable) as e:
+        run([(200, {}, {"error": {"message": ECHO}})], max_retries=1)  # a 200 without choices: retried, then given up
+    assert "malformed JSON" in str(e.value) and "rerun the same command to resume" in str(e.value)
+    assert not [s for s in LEAKS if s in str(e.value)], str(e.value)
+
+
+def test_openrouter_key_by_host_only(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-x")
+    assert api_client.api_key_for("https://api.openrouter.ai/v1") == "sk-or-x"
+    assert api_client.api_key_for("HTTPS://OpenRouter.AI/api/v1") == "sk-or-x"
+    for url in ("http://127.0.0.1:8080/openrouter.ai/v1", "https://openrouter.ai.evil.example/v1",
+                "https://notopenrouter.ai/v1", "http://x/v1?to=openrouter.ai"):
+        assert api_client.api_key_for(url) == "", url
+
+
+HTML = (200, {"content-type": "text/html; charset=utf-8"}, b"<!DOCTYPE html><html><body>llama.cpp web UI</body></html>")
+HINT = r"the server answered HTML, not JSON: is the base URL right \(it should end in /v1\)\?"
+
+
+def test_html_on_200_is_a_wrong_url_not_retried(sleeps):
+    with pytest.raises(ApiError, match="200 from http://test/chat/completions: " + HINT):
+        run([HTML, 200], base_url="http://test")
+    assert sleeps == []
+
+
+def test_html_on_404_says_so_with_redacted_url(sleeps):
+    with pytest.raises(ApiError, match="404 from http://test/api/chat/completions: .*" + HINT) as e:
+        run([(404, {"content-type": "text/html"}, b"<html><h1>Not Found</h1></html>")],
+            base_url="http://bob:hunter2@test/api?key=qwerty")
+    assert "hunter2" not in str(e.value) and "qwerty" not in str(e.value) and "<h1>" not in str(e.value)
+
+
+def test_plain_text_on_200_retried_then_reported(sleeps):
+    with pytest.raises(ApiUnavailable, match="failed 2 times.*the server answered text/plain, not JSON: is the base URL"):
+        run([(200, {"content-type": "text/plain"}, b"OK")], max_retries=1)
+    assert len(sleeps) == 1
+
+
+def test_query_string_stays_at_the_end_of_the_endpoint(sleeps):
+    _, calls, _ = run([200], base_url="http://test/v1/?api-version=2024")
+    assert str(calls[0].url) == "http://test/v1/chat/completions?api-version=2024"

@@ -117,7 +117,9 @@ def _check_types(obj: dict, where: str) -> dict:
 
 def _check_turns(context: list[dict], where: str) -> None:
     """The trained answer must follow a user turn, and no user turn may be empty."""
-    if not context or context[-1]["role"] != "user":
+    if not context:
+        raise UserError(f"{where}: the row has no user turn; add the user message, or delete the row")
+    if context[-1]["role"] != "user":
         raise UserError(f"{where}: the row has no user turn before the assistant's answer; add the user message "
                         "it answers, or delete the row")
     for m in context:

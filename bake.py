@@ -6,20 +6,17 @@
     python bake.py --config examples/two_targets.yaml
 
 The prompted teacher's top-K log-probabilities are cached once under data/cache/ and reused. Metrics go
-to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY). Settings live in config.py.
+to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY). Settings: promptbake/config.py.
 """
 
-from dotenv import load_dotenv
-
-from config import main_guard, parse_args, to_dict
+from promptbake.cli import main_guard
+from promptbake.config import parse_args, to_dict
+from promptbake.train import bake
 
 
 def main():
-    load_dotenv()
     cfg, _ = parse_args()
     print("config:", to_dict(cfg))
-    from promptbake.train import bake
-
     bake(cfg)
 
 

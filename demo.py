@@ -5,33 +5,34 @@
     python demo.py --compare "Who are you?"       # base without prompt | base with prompt | baked without prompt
     python demo.py --strength 0.5 "Hello"         # half-baked (0 = base, 1 = baked, >1 = over-baked)
     python demo.py --with_prompt "Hello"          # re-prompt the baked model with its own prompt
+    python demo.py --target french "Hello"        # a multi-target bake: that target's prompt and trigger
 """
 
 import argparse
 
-from dotenv import load_dotenv
-
-from config import main_guard, parse_args
+from promptbake.cli import main_guard
+from promptbake.config import parse_args
+from promptbake.config import STRENGTH
+from promptbake.demo import chat, compare, load_for_demo
 
 
 def main():
-    load_dotenv()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("question", nargs="*", help="question(s); none = interactive chat")
     parser.add_argument("--checkpoint", help="a checkpoints/<run>/final or step-N folder (default: newest)")
     parser.add_argument("--compare", action="store_true", help="show base, prompted base and baked side by side")
-    parser.add_argument("--strength", type=float, default=1.0, help="scale of the LoRA update")
+    parser.add_argument("--strength", type=float, default=1.0, help=f"scale of the LoRA update, in {STRENGTH}")
     parser.add_argument("--with_prompt", action="store_true", help="also send the baked prompt (re-prompting)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, reproducible)")
+    parser.add_argument("--target", help="which target of a multi-target bake (default: the first)")
     cfg, args = parse_args(parser=parser)
-    from promptbake.demo import chat, compare, load_for_demo
-
-    model, tokenizer, info, path = load_for_demo(cfg, args.checkpoint, args.strength)
+    model, tokenizer, info, path = load_for_demo(cfg, args.checkpoint, args.strength, args.temperature)
+    target = info["target"] if args.target is None else args.target
     if args.compare:
         for q in args.question or ["Who are you?"]:
-            compare(model, tokenizer, info, q, cfg, args.temperature, args.with_prompt)
+            compare(model, tokenizer, info, q, cfg, args.temperature, args.with_prompt, target)
     else:
-        chat(model, tokenizer, info, args.question, cfg, args.temperature, args.with_prompt)
+        chat(model, tokenizer, info, args.question, cfg, args.temperature, args.with_prompt, target)
 
 
 if __name__ == "__main__":

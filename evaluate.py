@@ -4,35 +4,38 @@
     python evaluate.py --checkpoint checkpoints/default/final --queries my_prompts.txt
     python evaluate.py --strengths 0,0.25,0.5,0.75,1,1.25    # half-baking sweep -> half_baking.png
     python evaluate.py --steps                           # sweep over the saved step-N checkpoints
+    python evaluate.py --target french                   # one target of a multi-target bake (default: each)
 
 Prints full-vocabulary KL to the prompted teacher (base vs baked), top-1 agreement, and adherence on
 sampled answers (T=0.7, --samples per query, the same seeds for every model)
-(markers / marker_regex from config.py, or a judge model when API_BASE_URL is set). Writes eval.json.
+(markers / marker_regex from promptbake/config.py, or a judge model when API_BASE_URL is set). Writes eval.json.
 """
 
 import argparse
 
-from dotenv import load_dotenv
-
-from config import main_guard, parse_args
+from promptbake.cli import main_guard
+from promptbake.config import STRENGTH, ConfigError, check_range, parse_args
+from promptbake.evaluate import evaluate
 
 
 def main():
-    load_dotenv()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoints/<run>/final or step-N folder (default: newest)")
     parser.add_argument("--queries", help="held-out prompts: .txt (one a line) or .jsonl (default: the run's held_out.jsonl)")
     parser.add_argument("--strengths", default="", help="comma list of adapter strengths to sweep")
     parser.add_argument("--steps", action="store_true", help="also sweep the run's step-N checkpoints")
     parser.add_argument("--samples", type=int, default=3, help="sampled answers per query (T=0.7), for KL and adherence")
+    parser.add_argument("--target", help="evaluate only this target of a multi-target bake")
     cfg, args = parse_args(parser=parser)
-    from promptbake.evaluate import evaluate
-
     try:
         strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"error: --strengths takes numbers separated by commas, got {args.strengths!r}")
-    evaluate(cfg, args.checkpoint, args.queries, strengths, args.steps, args.samples)
+        raise ConfigError(f"--strengths takes numbers separated by commas, got {args.strengths!r}") from None
+    for s in strengths:
+        check_range("--strengths", s, STRENGTH)
+    if not 1 <= args.samples <= 100:
+        raise ConfigError(f"--samples is {args.samples}; it must be in [1, 100]")
+    evaluate(cfg, args.checkpoint, args.queries, strengths, args.steps, args.samples, args.target)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from promptbake.chat import system_prefix_ids
+from promptbake.data import Row
+from promptbake.forward import MIN_SHARED, common_head, shared_prefix
+from promptbake.generate import answer_locally
+from promptbake.loss import full_kl
+from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
+from promptbake.seeds import seed_queries
+from promptbake.teacher import TeacherTopK, _save_shard, build_examples, teacher_topk_rows
+from promptbake.train import Target, batch_loss, length_batches
 
-from promptbake.chat import system_prefix_ids  # noqa: E402
-from promptbake.data import Row  # noqa: E402
-from promptbake.forward import MIN_SHARED, common_head, shared_prefix  # noqa: E402
-from promptbake.generate import answer_locally  # noqa: E402
-from promptbake.loss import full_kl  # noqa: E402
-from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path  # noqa: E402
-from promptbake.seeds import seed_queries  # noqa: E402
-from promptbake.teacher import TeacherTopK, _save_shard, build_examples, teacher_topk_rows  # noqa: E402
-from promptbake.train import Target, batch_loss, length_batches  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PARAGRAPH = ("The sea is wide and the wind is strong, and every sailor knows the stars that guide the ship home. "
              "We keep the deck clean, the sails mended and the rum locked away until the harbour lights appear. ")
@@ -250,7 +249,7 @@ def bench_make_bake():
     """The default pipeline as `make bake` runs it, in a scratch folder: phase times and peak RSS."""
     with tempfile.TemporaryDirectory() as d:
         Path(d, "prompt.md").write_text((ROOT / "prompt.md").read_text())
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ)
         gen_s, gen_rss = run_peak_rss([sys.executable, str(ROOT / "generate_data.py")], d, env)
         bake_s, bake_rss = run_peak_rss([sys.executable, str(ROOT / "bake.py"), "--wandb_mode", "disabled"], d, env)
         timings = json.loads(Path(d, "checkpoints", "default", "timings.json").read_text())

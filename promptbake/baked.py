@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
+
+from . import model as models
 from .errors import UserError
-from .io import read_json
+from .io import read_json, sha256_text
 
 BAKE_CONFIG = "bake_config.json"
 
@@ -44,10 +47,6 @@ def set_strength(model, strength: float) -> None:
 def load_baked(path: str | Path, model_name_or_path: str | None = None, device: str = "auto",
                strength: float = 1.0, model_cache_dir: str = ""):
     """Returns (peft model, tokenizer, bake config) for a baked checkpoint folder."""
-    from peft import PeftModel
-
-    from . import model as models
-
     info = read_bake_config(path)
     baked_on = info["config"]["model_name_or_path"]
     if model_name_or_path and model_name_or_path != baked_on:
@@ -71,8 +70,6 @@ def load_baked(path: str | Path, model_name_or_path: str | None = None, device: 
 
 
 def model_config_sha256(model) -> str:
-    from .io import sha256_text
-
     cfg = model.config.to_dict()
     keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                                     "num_attention_heads", "num_key_value_heads", "intermediate_size")}

@@ -5,24 +5,34 @@ from __future__ import annotations
 import sys
 
 import torch
+from transformers import TextStreamer
 
 from .baked import latest_checkpoint, load_baked
 from .chat import render_prompt_ids, stop_ids
+from .config import STRENGTH, TEMPERATURE, check_range
+from .errors import UserError
 
 
-def load_for_demo(cfg, checkpoint: str | None, strength: float):
+def load_for_demo(cfg, checkpoint: str | None, strength: float, temperature: float = 0.0):
+    check_range("--strength", strength, STRENGTH)
+    check_range("--temperature", temperature, TEMPERATURE)
     path = checkpoint or latest_checkpoint(cfg.checkpoint_dir, cfg.name)
     model, tokenizer, info = load_baked(path, device=cfg.device, strength=strength, model_cache_dir=cfg.model_cache_dir)
+    info = {**info, "target": info["targets"][0]["name"]}
     print(f"checkpoint: {path}" + (f" (strength {strength:g})" if strength != 1.0 else ""), file=sys.stderr)
     return model, tokenizer, info, path
 
+
+def target_info(info: dict, name: str) -> dict:
+    found = [t for t in info["targets"] if t["name"] == name]
+    if not found:
+        raise UserError(f"--target {name!r}: this checkpoint has targets {[t['name'] for t in info['targets']]}")
+    return found[0]
 
 @torch.inference_mode()
 def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cfg, temperature: float,
                   out=sys.stdout) -> str:
     """Generates one answer, printing tokens as they come; returns the text."""
-    from transformers import TextStreamer
-
     class Tee(TextStreamer):
         def __init__(self):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -42,16 +52,16 @@ def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cf
                    **sampling)
     return streamer.text.strip()
 
-
-def _baked_system(info: dict, with_prompt: bool) -> str | None:
-    target = info["targets"][0]
+def _baked_system(info: dict, with_prompt: bool, name: str) -> str | None:
+    target = target_info(info, name)
     if with_prompt:
         return target["system_prompt"]
     return target.get("student_prompt") or None
 
-
-def compare(model, tokenizer, info, question: str, cfg, temperature: float, with_prompt: bool = False) -> dict:
-    system = info["targets"][0]["system_prompt"]
+def compare(model, tokenizer, info, question: str, cfg, temperature: float, with_prompt: bool = False,
+            target: str | None = None) -> dict:
+    target = target or info["targets"][0]["name"]
+    system = target_info(info, target)["system_prompt"]
     messages = [{"role": "user", "content": question}]
     out = {}
     print(f"\n=== user: {question}")
@@ -61,12 +71,12 @@ def compare(model, tokenizer, info, question: str, cfg, temperature: float, with
         print("\n--- base model, WITH the prompt:")
         out["prompted"] = stream_answer(model, tokenizer, messages, system, cfg, temperature)
     print("\n--- baked model, no prompt:" if not with_prompt else "\n--- baked model, re-prompted with its prompt:")
-    out["baked"] = stream_answer(model, tokenizer, messages, _baked_system(info, with_prompt), cfg, temperature)
+    out["baked"] = stream_answer(model, tokenizer, messages, _baked_system(info, with_prompt, target), cfg, temperature)
     return out
 
-
-def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, with_prompt: bool = False) -> None:
-    system = _baked_system(info, with_prompt)
+def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, with_prompt: bool = False,
+         target: str | None = None) -> None:
+    system = _baked_system(info, with_prompt, target or info["targets"][0]["name"])
     if questions:
         for q in questions:
             stream_answer(model, tokenizer, [{"role": "user", "content": q}], system, cfg, temperature)

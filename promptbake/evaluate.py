@@ -4,52 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, set_strength
 from .chat import render_prompt_ids
+from .config import to_dict
 from .data import Row, load_prompts
 from .errors import UserError
-from .forward import backbone_and_head, response_hidden
-from .generate import decode_response, generate_ids
-from .io import write_json
-from .loss import full_kl
+from .generate import decode_response, derive_seed, generate_ids
+from .io import read_jsonl, write_json
+from .metrics import kl_and_agreement, marker_rate
 from .teacher import build_examples
+from .tracking import open_wandb
+from .train import HELD_OUT
 
 
-@contextmanager
-def variant(model, kind: str):
-    """'base' = adapter off; 'baked' = adapter on (at whatever strength is set)."""
-    if kind == "base":
-        with model.disable_adapter():
-            yield
-    else:
-        yield
+EVAL_TEMPERATURE = 0.7  # sampled answers for KL rows and adherence; the same seeds for every model compared
 
 
-def follows(text: str, markers: list[str], regex: str) -> bool:
-    if regex:
-        return re.search(regex, text, flags=re.I) is not None
-    low = text.lower()
-    return any(m.lower() in low for m in markers)
-
-
-def judge_fn(system: str):
+def judge_fn(cfg, system: str):
     """With an API configured, a judge model answers yes/no to 'does this answer follow the system prompt?'."""
-    base_url = os.environ.get("API_BASE_URL", "")
-    if not base_url:
+    if not cfg.api_base_url:
         return None
-    from .api_client import ChatClient
-
-    model = os.environ.get("API_JUDGE_MODEL") or os.environ.get("API_MODEL") or "default"
+    model = os.environ.get("API_JUDGE_MODEL") or cfg.api_model or "default"
 
     async def ask(answers: list[tuple[str, str]]) -> list[bool]:
-        client = ChatClient(base_url, model, concurrency=8)
+        client = ChatClient(cfg.api_base_url, model, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
+                            max_retries=cfg.max_retries)
         try:
             outs = await asyncio.gather(*[client.chat([{"role": "user", "content":
                 f"System prompt:\n---\n{system}\n---\nUser: {q}\nAssistant: {a}\n---\nDoes the assistant's answer "
@@ -61,27 +46,6 @@ def judge_fn(system: str):
     return lambda answers: asyncio.run(ask(answers))
 
 
-@torch.inference_mode()
-def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter: bool = True) -> tuple[float, float]:
-    """Full-vocabulary KL(prompted base || model without prompt), and top-1 agreement, token-weighted.
-    adapter=False measures the base model without the prompt."""
-    kl, agree, n = 0.0, 0.0, 0
-    head = backbone_and_head(model)[1]
-    for b in range(0, len(examples), batch_size):
-        ex = examples[b:b + batch_size]
-        n_resp = [e.n_response for e in ex]
-        with model.disable_adapter():
-            t_hidden = response_hidden(model, [e.teacher_ids for e in ex], n_resp, pad_id)
-        with variant(model, "baked" if adapter else "base"):
-            s_hidden = response_hidden(model, [e.student_ids for e in ex], n_resp, pad_id)
-        for c in range(0, len(t_hidden), 128):  # full-vocabulary logits of both sides, a chunk at a time
-            t, s = head(t_hidden[c:c + 128]), head(s_hidden[c:c + 128])
-            kl += full_kl(t, s, torch.ones(len(t), device=t.device)).item() * len(t)
-            agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
-        n += len(t_hidden)
-    return kl / n, agree / n
-
-
 def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, samples: int, seed: int,
            batch_size: int = 32) -> list[tuple[list[dict], list[int], bool]]:
     """`samples` answers per query at temperature 0.7, with the same seeds for every model compared:
@@ -91,8 +55,8 @@ def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, 
         for b in range(0, len(contexts), batch_size):
             chunk = contexts[b:b + batch_size]
             prompts = [render_prompt_ids(tokenizer, c, system) for c in chunk]
-            outs = generate_ids(model, tokenizer, prompts, temperature=0.7, max_new_tokens=max_new_tokens,
-                                seed=seed + 1000 * i + b)
+            outs = generate_ids(model, tokenizer, prompts, temperature=EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
+                                seed=derive_seed("eval", seed, i, b))
             out += [(c, ids, complete) for c, (ids, complete) in zip(chunk, outs)]
     return out
 
@@ -101,107 +65,150 @@ def texts_of(tokenizer, sampled) -> list[str]:
     return [decode_response(tokenizer, ids) for _, ids, _ in sampled]
 
 
-def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
-             steps: bool = False, samples: int = 3) -> dict:
-    """Writes eval.json (eval_<queries>.json for other queries, and half_baking.png for a sweep) into the
-    checkpoint folder; returns the results."""
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
-    model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
-    target = info["targets"][0]
-    system, student_prompt = target["system_prompt"], target.get("student_prompt", "")
-    held = Path(queries) if queries else path.parent / "held_out.jsonl"
+def eval_contexts(path: Path, queries: str | None, target: str) -> tuple[list[list[dict]], str]:
+    """The queries to evaluate one target on: --queries, else the run's held-out queries of that target."""
+    if queries:
+        if not Path(queries).is_file():
+            raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
+        return [r.context for r in load_prompts(queries)], queries
+    held = path.parent / HELD_OUT
     if not held.exists():
         raise UserError(f"{held}: no held-out queries; pass --queries FILE (one prompt a line, or JSONL)")
-    contexts = [r.context for r in load_prompts(str(held))]
+    rows = [o for _, o in read_jsonl(held) if o.get("target", target) == target]
+    contexts = [o["messages"] for o in rows]
     if not contexts:
-        raise UserError(f"{held}: no queries")
-    print(f"evaluating {path} on {len(contexts)} held-out queries from {held}")
-    t0 = time.time()
+        raise UserError(f"{held}: no held-out queries for target {target!r} (eval_fraction was 0?); pass --queries FILE")
+    return contexts, str(held)
 
-    # Teacher-sampled responses: the prompted base answers each query `samples` times. They are the KL's
-    # rows and the prompted base's answers for adherence; base and baked are sampled with the same seeds.
-    n_new = cfg.eval_max_new_tokens
-    with model.disable_adapter():
-        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed)
-        base_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed))
-    rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
-    prompted_texts = texts_of(tokenizer, teacher)
-    examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, str(held))
-    pad = tokenizer.pad_token_id
-    judge = judge_fn(system)
 
-    if not (cfg.markers or cfg.marker_regex or judge):
+def pick_targets(info: dict, name: str | None) -> list[dict]:
+    targets = info["targets"]
+    if name is None:
+        return targets
+    found = [t for t in targets if t["name"] == name]
+    if not found:
+        raise UserError(f"--target {name!r}: this checkpoint has targets {[t['name'] for t in targets]}")
+    return found
+
+
+def adherence_fn(cfg, target: dict, users: list[str]):
+    """Rates a list of answers: marker rate (the target's regex, else the config's) and, with an API, a judge's."""
+    regex = target.get("marker_regex") or cfg.marker_regex
+    judge = judge_fn(cfg, target["system_prompt"])
+    if not (cfg.markers or regex or judge):
         print("note: no markers, marker_regex or judge API configured: adherence is not measured")
 
-    def adherence(texts):
-        result = {"marker_rate": sum(follows(t, cfg.markers, cfg.marker_regex) for t in texts) / len(texts)
-                  if cfg.markers or cfg.marker_regex else None}
+    def rate(texts: list[str]) -> dict:
+        result = {"marker_rate": marker_rate(texts, cfg.markers, regex)}
         if judge:
-            users = [c[-1]["content"] for c, _, _ in teacher]
             result["judge_rate"] = sum(judge(list(zip(users, texts)))) / len(texts)
         return result
 
-    set_strength(model, 0.0)
-    kl_before, agree_before = kl_and_agreement(model, examples, pad)
-    set_strength(model, 1.0)
-    kl_after, agree_after = kl_and_agreement(model, examples, pad)
-    baked_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
-    result = {
-        "checkpoint": str(path), "queries": str(held), "n_queries": len(contexts), "n_tokens": sum(e.n_response for e in examples),
-        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
-        "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
-        "adherence": {"base": adherence(base_texts), "prompted": adherence(prompted_texts), "baked": adherence(baked_texts)},
-        "markers": cfg.markers, "marker_regex": cfg.marker_regex,
-        "samples_per_query": samples, "adherence_answers": len(baked_texts),
-        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": k}
-                     for (c, _, _), b, p, k in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
-    }
+    return rate, regex
 
-    sweep = []
-    points = [(f"strength {s:g}", path, s) for s in (strengths or [])]
+
+def sweep_points(path: Path, strengths: list[float], steps: bool) -> list[tuple[str, Path, float]]:
+    points = [(f"strength {s:g}", path, s) for s in strengths]
     if steps:
         points += [(p.name, p, 1.0) for p in sorted(path.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))]
+    return points
+
+
+def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, rate, points, samples) -> list[dict]:
+    """Half-baking: KL and adherence at each adapter strength, or at each saved step."""
+    sweep = []
     for label, ckpt, s in points:
-        if ckpt != path:
+        swapped = ckpt != path
+        if swapped:
             model.load_adapter(str(ckpt), adapter_name="sweep")
             model.set_adapter("sweep")
         set_strength(model, s)
-        kl, agree = kl_and_agreement(model, examples, pad)
-        texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
-        sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree, **adherence(texts)})
-        if ckpt != path:
+        kl, agree = kl_and_agreement(model, examples, tokenizer.pad_token_id)
+        texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens,
+                                           samples, cfg.seed))
+        sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree, **rate(texts)})
+        if swapped:
             model.set_adapter("default")
             model.delete_adapter("sweep")
         print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | adherence {_rate(sweep[-1]['marker_rate'])}")
     set_strength(model, 1.0)
-    if sweep:
-        result["sweep"] = sweep
-        result["plot"] = str(plot_sweep(sweep, path / "half_baking.png"))
-    result["seconds"] = round(time.time() - t0, 1)
-    from config import to_dict
+    return sweep
 
-    result["config"] = to_dict(cfg)
+
+def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, samples: int) -> tuple[dict, list, object]:
+    """Base, prompted base and baked on one target's queries: full-vocabulary KL, top-1 agreement, adherence."""
+    system, student_prompt = target["system_prompt"], target.get("student_prompt", "")
+    n_new = cfg.eval_max_new_tokens
+    print(f"target {target['name']!r}: {len(contexts)} queries from {where}")
+    # The prompted base answers each query `samples` times: those answers are the KL's rows and the prompted
+    # base's answers for adherence. Base and baked are sampled with the same seeds.
+    with model.disable_adapter():
+        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed)
+        base_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed))
+    rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
+    examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, where)
+    rate, regex = adherence_fn(cfg, target, [c[-1]["content"] for c, _, _ in teacher])
+    prompted_texts = texts_of(tokenizer, teacher)
+    kl_before, agree_before = kl_and_agreement(model, examples, tokenizer.pad_token_id, adapter=False)
+    kl_after, agree_after = kl_and_agreement(model, examples, tokenizer.pad_token_id)
+    baked_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
+    result = {
+        "target": target["name"], "queries": where, "n_queries": len(contexts),
+        "n_tokens": sum(e.n_response for e in examples),
+        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
+        "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
+        "adherence": {"base": rate(base_texts), "prompted": rate(prompted_texts), "baked": rate(baked_texts)},
+        "markers": cfg.markers, "marker_regex": regex, "samples_per_query": samples,
+        "adherence_answers": len(baked_texts),
+        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": k}
+                     for (c, _, _), b, p, k in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
+    }
+    return result, examples, rate
+
+
+def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
+             steps: bool = False, samples: int = 3, target: str | None = None) -> dict:
+    """Writes eval.json (eval_<queries>.json for other queries, and half_baking.png for a sweep) into the
+    checkpoint folder; returns the results. With several targets, each gets its own row (or pick one with `target`)."""
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
+    model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
+    print(f"evaluating {path}")
+    t0 = time.time()
+    per_target = {}
+    for t in pick_targets(info, target):
+        contexts, where = eval_contexts(path, queries, t["name"])
+        result, examples, rate = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
+        points = sweep_points(path, strengths or [], steps)
+        if points:
+            result["sweep"] = run_sweep(model, tokenizer, cfg, path, examples, contexts, t.get("student_prompt", ""), rate,
+                                        points, samples)
+            png = "half_baking.png" if len(per_target) == 0 else f"half_baking_{t['name']}.png"
+            result["plot"] = str(plot_sweep(result["sweep"], path / png))
+        per_target[t["name"]] = result
+        print_table(result)
+    first = next(iter(per_target.values()))
+    result = dict(first) if len(per_target) == 1 else {"targets": per_target}
+    result.update({"checkpoint": str(path), "seconds": round(time.time() - t0, 1), "config": to_dict(cfg)})
     log_wandb(cfg, path, result)
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
     write_json(out, result)
-    print_table(result)
     print(f"wrote {out}")
     return result
 
 
 def log_wandb(cfg, path: Path, result: dict) -> None:
-    from .train import open_wandb
-
     run = open_wandb(cfg, path.parent, {"checkpoint": str(path), **result["config"]}, f"{cfg.name}-eval")
     if run is None:
         return
-    flat = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
-    flat.update({f"eval/adherence_{who}": a["marker_rate"] for who, a in result["adherence"].items()
-                 if a["marker_rate"] is not None})
-    run.log(flat)
-    for p in result.get("sweep", []):
-        run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
-                 "half_baking/adherence": p["marker_rate"] or 0.0})
+    for name, r in result.get("targets", {"": result}).items():
+        group = f"eval/{name}/" if name else "eval/"
+        flat = {f"{group}{k}": v for k, v in r.items() if isinstance(v, (int, float)) and v is not None}
+        flat.update({f"{group}adherence_{who}": a["marker_rate"] for who, a in r["adherence"].items()
+                     if a["marker_rate"] is not None})
+        run.log(flat)
+        for p in r.get("sweep", []):
+            run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
+                     "half_baking/adherence": p["marker_rate"] or 0.0})
     run.finish()
 
 

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import hashlib
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import torch
 from tqdm.auto import tqdm
 
+from . import model as models
 from .api_client import ChatClient, redact_url
 from .chat import render_prompt_ids, stop_ids
+from .config import to_dict
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
 from .errors import UserError
 from .io import JsonlAppender, atomic_write_bytes, read_json, sha256_text, write_json
+from .locks import run_lock
 from .seeds import SEED_QUERIES
+
+QUERY_MAX_TOKENS = 48  # a written query is one short message
+QUERY_ROUNDS = 4  # rounds of asking for the queries still missing after deduplication
 
 
 # ---------------------------------------------------------------- local batched generation
@@ -51,23 +58,31 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 
 
 def answer_locally(model, tokenizer, rows: list[Row], system: str | None, *, temperature: float,
-                   max_new_tokens: int, batch_size: int, top_p: float = 1.0, seed: int = 0, progress: bool = True):
+                   max_new_tokens: int, batch_size: int, top_p: float = 1.0, seed=0, progress: bool = True):
     """Yields (row, response_ids, complete) for rows answered by the local model, in batches sorted by
-    prompt length to cut padding."""
+    prompt length to cut padding. Each batch's seed hashes `seed` (e.g. (seed, temperature, sample index))
+    with the batch's queries."""
     prompts = [render_prompt_ids(tokenizer, r.context, system) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not progress)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         outs = generate_ids(model, tokenizer, [prompts[i] for i in idx], temperature=temperature,
-                            max_new_tokens=max_new_tokens, top_p=top_p, seed=seed + b)
+                            max_new_tokens=max_new_tokens, top_p=top_p,
+                            seed=derive_seed(seed, [rows[i].context for i in idx]))
         for i, (ids, complete) in zip(idx, outs):
             yield rows[i], ids, complete
         bar.update(len(idx))
     bar.close()
 
 
-# ---------------------------------------------------------------- queries
+# ---------------------------------------------------------------- seeds and queries
+def derive_seed(*parts) -> int:
+    """A seed from a hash of everything that identifies a sample: distinct parts never share a seed."""
+    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SERIALIZE_NUMPY)).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
 def _clean_query(text: str) -> str:
     line = next((s for s in text.strip().splitlines() if s.strip()), "")
     line = re.sub(r"^(question|query|user|q)\s*[:\-]\s*", "", line.strip(), flags=re.I)
@@ -80,19 +95,24 @@ def query_request(system: str, topic: str) -> list[dict]:
              f"this assistant might send it, about {topic}. Reply with the user's message only."}]
 
 
-def write_queries(cfg, system: str, ask, path: Path) -> list[str]:
-    """Lets the model write cfg.generate_queries queries that fit the system prompt; deduplicated."""
+def write_queries(cfg, system: str, ask_many, path: Path) -> list[str]:
+    """Lets the model write cfg.generate_queries queries that fit the system prompt; deduplicated.
+    `ask_many(requests, seeds)` answers a list of requests at once (one batch, or one HTTP client)."""
     topics = list(SEED_QUERIES)
     rng = random.Random(cfg.seed)
     seen, queries = set(), []
-    for attempt in range(cfg.generate_queries * 4):
-        if len(queries) >= cfg.generate_queries:
+    for attempt in range(QUERY_ROUNDS):
+        missing = cfg.generate_queries - len(queries)
+        if missing <= 0:
             break
-        q = _clean_query(ask(query_request(system, rng.choice(topics)), attempt))
-        norm = re.sub(r"\W+", " ", q.lower()).strip()
-        if len(norm) >= 8 and norm not in seen:
-            seen.add(norm)
-            queries.append(q)
+        n = missing + missing // 2 + 1  # some come back duplicated or unusable
+        requests = [query_request(system, rng.choice(topics)) for _ in range(n)]
+        for text in ask_many(requests, [derive_seed("query", cfg.seed, attempt, i) for i in range(n)]):
+            q = _clean_query(text)
+            norm = re.sub(r"\W+", " ", q.lower()).strip()
+            if len(norm) >= 8 and norm not in seen and len(queries) < cfg.generate_queries:
+                seen.add(norm)
+                queries.append(q)
     if not queries:
         raise UserError("the model wrote no usable queries; give prompts instead (--prompts FILE)")
     atomic_write_bytes(path, ("\n".join(queries) + "\n").encode())
@@ -106,6 +126,7 @@ def data_path(cfg) -> Path:
 
 
 def pick_backend(cfg) -> str:
+    """api when an API base URL is set (in settings, the environment or .env: the config resolves them)."""
     if cfg.backend != "auto":
         return cfg.backend
     return "api" if cfg.api_base_url else "local"
@@ -118,7 +139,62 @@ def _settings(cfg, system: str, backend: str, model_id: str, rows: list[Row]) ->
             "queries_sha256": sha256_text(orjson.dumps([r.context for r in rows]).decode())}
 
 
-def _source_rows(cfg, system: str, ask) -> list[Row]:
+def check_prompt_length(cfg, system: str, tokenizer) -> None:
+    """A system prompt too long to bake is refused before any row is generated."""
+    n = len(tokenizer(system, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(system) // 4
+    if n > cfg.max_prompt_tokens:
+        raise UserError(f"{cfg.prompt_file}: the system prompt is {'' if tokenizer else 'about '}{n} tokens, over "
+                        f"max_prompt_tokens={cfg.max_prompt_tokens}; shorten it or raise --max_prompt_tokens")
+
+
+@dataclass
+class Backend:
+    """Where the answers come from: `run(jobs, emit)` answers rows, `ask_many` writes queries."""
+    name: str
+    model_id: str
+    run: object
+    ask_many: object
+    client: ChatClient | None = None
+    tokenizer: object = None  # the local tokenizer, to count the prompt's tokens exactly
+
+
+def api_backend(cfg, system: str) -> Backend:
+    if not cfg.api_base_url:
+        raise UserError("backend api needs api_base_url (in config, --api_base_url, or API_BASE_URL in .env)")
+    api_model = cfg.api_model or "default"
+    client = ChatClient(cfg.api_base_url, api_model, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
+                        max_retries=cfg.max_retries)
+
+    def ask_many(requests, seeds):
+        async def all_of():
+            return await asyncio.gather(*[client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests])
+
+        return [c.content for c in asyncio.run(all_of())]
+
+    return Backend("api", f"api:{api_model}", lambda jobs, emit: asyncio.run(_run_api(client, jobs, system, cfg, emit)),
+                   ask_many, client)
+
+
+def local_backend(cfg, system: str, model, tokenizer) -> Backend:
+    if model is None:
+        model, tokenizer, model_id, _ = models.load(cfg)
+    else:
+        model_id = model.name_or_path
+
+    def ask_many(requests, seeds):
+        prompts = [render_prompt_ids(tokenizer, r, None) for r in requests]
+        out = []
+        for b in range(0, len(prompts), cfg.gen_batch_size):
+            batch = generate_ids(model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=1.0,
+                                 max_new_tokens=QUERY_MAX_TOKENS, seed=seeds[b])
+            out += [decode_response(tokenizer, ids) for ids, _ in batch]
+        return out
+
+    return Backend("local", model_id, lambda jobs, emit: _run_local(model, tokenizer, jobs, system, cfg, emit),
+                   ask_many, tokenizer=tokenizer)
+
+
+def _source_rows(cfg, system: str, ask_many) -> list[Row]:
     if cfg.training_prompts:
         rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(cfg.training_prompts, 1)]
     elif cfg.generate_queries > 0:
@@ -127,9 +203,10 @@ def _source_rows(cfg, system: str, ask) -> list[Row]:
             print(f"reusing queries from {path} (--overwrite to write new ones)")
             rows = load_prompts(str(path))
         else:
-            rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(write_queries(cfg, system, ask, path), 1)]
+            queries = write_queries(cfg, system, ask_many, path)
+            rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(queries, 1)]
     else:
-        rows = load_prompts(cfg.prompts)
+        rows = load_prompts(cfg.prompts, strip_system=cfg.strip_system)
     return rows[:cfg.num_queries] if cfg.num_queries > 0 else rows
 
 
@@ -141,129 +218,122 @@ def _row(context, text, index, temperature, finish_reason, ids=None) -> dict:
     return row
 
 
+def write_paired(out: Path, meta_path: Path, rows: list[Row], system: str) -> Path:
+    print(f"the prompts already carry responses: writing {len(rows)} paired rows as they are")
+    data = b"".join(orjson.dumps({"messages": [*r.context, {"role": "assistant", "content": r.response}]}) + b"\n"
+                    for r in rows)
+    atomic_write_bytes(out, data)
+    write_json(meta_path, {"settings": {"backend": "paired", "prompt_sha256": sha256_text(system)},
+                           "rows": len(rows), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return out
+
+
+def rows_done(cfg, out: Path, meta_path: Path, settings: dict) -> set:
+    """Keys of the rows already on disk from a run with the same settings (a resume); refuses other settings."""
+    if not out.exists():
+        return set()
+    old = read_json(meta_path).get("settings") if meta_path.exists() else None
+    if cfg.overwrite:
+        out.unlink()
+        return set()
+    if old != settings:
+        changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
+        raise UserError(f"{out} was made with other settings ({', '.join(changed) or 'unknown'} differ); "
+                        f"rerun with --overwrite to replace it, or pick another --name")
+    return {r.key for r in load_rows(str(out))}
+
+
+class Progress:
+    """Counts what happens to each requested row and writes the kept ones; drives the progress bar."""
+
+    def __init__(self, writer: JsonlAppender, total: int, done: int, client: ChatClient | None):
+        self.writer, self.client = writer, client
+        self.counts = {"written": done, "empty": 0, "filtered": 0, "truncated": 0}
+        self.bar = tqdm(total=total, initial=done, desc="rows", unit="row")
+
+    def __call__(self, row, index, temp, text, finish_reason, ids=None) -> None:
+        if finish_reason == "content_filter":
+            self.counts["filtered"] += 1
+        elif not text.strip():
+            self.counts["empty"] += 1
+        else:
+            self.counts["truncated"] += finish_reason == "length"
+            self.writer.write(_row(row.context, text, index, temp, finish_reason, ids))
+            self.counts["written"] += 1
+        self.bar.update(1)
+        stats = self.client.stats if self.client else None
+        self.bar.set_postfix(empty=self.counts["empty"], filtered=self.counts["filtered"],
+                             errors=stats.errors if stats else 0, retries=stats.retries if stats else 0)
+
+
 def generate(cfg, model=None, tokenizer=None) -> Path:
     """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped."""
-    from . import model as models
-
     system = read_prompt(cfg.prompt_file)
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
-    backend = pick_backend(cfg)
-    base_url = cfg.api_base_url or os.environ.get("API_BASE_URL", "")
-    if backend == "api" and not base_url:
-        raise UserError("backend api needs api_base_url (in config, --api_base_url, or API_BASE_URL in .env)")
-    print(f"backend: {backend}" + (f" ({redact_url(base_url)})" if backend == "api" else " (the base model, with the prompt)"))
+    check_data_dir(cfg.data_dir)
+    with run_lock(out, "generate_data"):
+        name = pick_backend(cfg)
+        backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer)
+        check_prompt_length(cfg, system, backend.tokenizer)
+        print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api"
+                                    else " (the base model, with the prompt)"))
+        rows = _source_rows(cfg, system, backend.ask_many)
+        if all(r.response is not None for r in rows):  # paired input: used as is
+            return write_paired(out, meta_path, rows, system)
+        settings = _settings(cfg, system, name, backend.model_id, rows)
+        done = rows_done(cfg, out, meta_path, settings)
+        jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
+                if row_key(r.context, i, float(t)) not in done]
+        total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
+        meta = {"settings": settings, "config": to_dict(cfg), "rows_requested": total}
+        write_json(meta_path, {**meta, "status": "running", "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if done:
+            print(f"resuming: {total - len(jobs)} of {total} rows already in {out}")
+        t0 = time.time()
+        with JsonlAppender(out) as writer:
+            progress = Progress(writer, total, total - len(jobs), backend.client)
+            try:
+                backend.run(jobs, progress)
+            finally:
+                progress.bar.close()
+        finish_data(out, meta_path, meta, progress.counts, backend.client, total - len(jobs), time.time() - t0)
+    return out
 
-    client = None
-    if backend == "api":
-        api_model = cfg.api_model or os.environ.get("API_MODEL", "") or "default"
-        model_id = f"api:{api_model}"
-        client = ChatClient(base_url, api_model, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
-                            max_retries=cfg.max_retries)
 
-        def ask(messages, i):
-            return asyncio.run(_ask_once(base_url, api_model, messages, cfg))
-    else:
-        if model is None:
-            model, tokenizer, model_id, _ = models.load(cfg)
-        else:
-            model_id = model.name_or_path
+def check_data_dir(data_dir: str) -> None:
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder; pass a folder (default: data)")
 
-        def ask(messages, i):
-            ids = render_prompt_ids(tokenizer, messages, None)
-            ((resp, _),) = generate_ids(model, tokenizer, [ids], temperature=1.0, max_new_tokens=48, seed=cfg.seed + i)
-            return decode_response(tokenizer, resp)
 
-    rows = _source_rows(cfg, system, ask)
-    if all(r.response is not None for r in rows):  # paired input: used as is
-        print(f"the prompts already carry responses: writing {len(rows)} paired rows as they are")
-        data = b"".join(orjson.dumps({"messages": [*r.context, {"role": "assistant", "content": r.response}]}) + b"\n"
-                        for r in rows)
-        atomic_write_bytes(out, data)
-        write_json(meta_path, {"settings": {"backend": "paired", "prompt_sha256": sha256_text(system)},
-                               "rows": len(rows), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        return out
-
-    settings = _settings(cfg, system, backend, model_id, rows)
-    done = set()
-    if out.exists():
-        old = read_json(meta_path).get("settings") if meta_path.exists() else None
-        if cfg.overwrite:
-            out.unlink()
-        elif old != settings:
-            changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
-            raise UserError(f"{out} was made with other settings ({', '.join(changed) or 'unknown'} differ); "
-                            f"rerun with --overwrite to replace it, or pick another --name")
-        else:
-            done = {r.key for r in load_rows(str(out))}
-    jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
-            if row_key(r.context, i, float(t)) not in done]
-    total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
-    from config import to_dict
-
-    write_json(meta_path, {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "status": "running",
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    if done:
-        print(f"resuming: {total - len(jobs)} of {total} rows already in {out}")
-    counts = {"written": total - len(jobs), "empty": 0, "filtered": 0, "truncated": 0}
-    t0 = time.time()
-    with JsonlAppender(out) as writer:
-        bar = tqdm(total=total, initial=total - len(jobs), desc="rows", unit="row")
-
-        def emit(row, index, temp, text, finish_reason, ids=None):
-            if finish_reason == "content_filter":
-                counts["filtered"] += 1
-            elif not text.strip():
-                counts["empty"] += 1
-            else:
-                counts["truncated"] += finish_reason == "length"
-                writer.write(_row(row.context, text, index, temp, finish_reason, ids))
-                counts["written"] += 1
-            bar.update(1)
-            bar.set_postfix(empty=counts["empty"], filtered=counts["filtered"],
-                            errors=client.stats.errors if client else 0, retries=client.stats.retries if client else 0)
-
-        try:
-            if backend == "api":
-                asyncio.run(_run_api(client, jobs, system, cfg, emit))
-            else:
-                _run_local(model, tokenizer, jobs, system, cfg, emit)
-        finally:
-            bar.close()
-    elapsed = time.time() - t0
+def finish_data(out: Path, meta_path: Path, meta: dict, counts: dict, client, done_before: int, elapsed: float) -> None:
+    """Writes the final meta (counted from the file on disk), prints the summary, fails on an empty result."""
+    on_disk = len(load_rows(str(out))) if out.exists() and out.stat().st_size else 0
+    counts = {**counts, "written": on_disk}
     stats = vars(client.stats) if client else {}
-    new_rows = counts["written"] - (total - len(jobs))
-    write_json(meta_path, {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "counts": counts,
-                           "api": stats,
-                           "status": "complete" if counts["written"] == total else "incomplete",
+    new_rows = on_disk - done_before
+    total = meta["rows_requested"]
+    write_json(meta_path, {**meta, "counts": counts, "api": stats,
+                           "status": "complete" if on_disk == total else "incomplete",
                            "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print(f"wrote {out}: {counts['written']}/{total} rows | {new_rows / max(elapsed, 1e-9):.2f} rows/s | "
+    print(f"wrote {out}: {on_disk}/{total} rows | {new_rows / max(elapsed, 1e-9):.2f} rows/s | "
           f"empty {counts['empty']} | filtered {counts['filtered']} | truncated {counts['truncated']}"
           + (f" | retries {stats['retries']}" if stats else ""))
     if counts["empty"] or counts["filtered"]:
         print("note: empty or filtered responses were not written; rerun to try those rows again")
-    return out
+    if on_disk == 0:
+        raise UserError(f"{out}: no rows were written (every answer was empty or filtered); check the model or API")
 
 
 def _run_local(model, tokenizer, jobs, system, cfg, emit):
-    by_temp: dict[tuple, list] = {}
+    by_sample: dict[tuple, list] = {}
     for row, index, temp in jobs:
-        by_temp.setdefault((temp, index), []).append(row)
-    for (temp, index), rows in by_temp.items():
-        seed = cfg.seed * 1000 + index * 7 + int(temp * 100)
+        by_sample.setdefault((temp, index), []).append(row)
+    for (temp, index), rows in by_sample.items():
         for row, ids, complete in answer_locally(model, tokenizer, rows, system, temperature=temp,
                                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                                                 top_p=cfg.top_p, seed=seed, progress=False):
+                                                 top_p=cfg.top_p, seed=(cfg.seed, temp, index), progress=False):
             emit(row, index, temp, decode_response(tokenizer, ids), "stop" if complete else "length", ids)
-
-
-async def _ask_once(base_url, api_model, messages, cfg):
-    client = ChatClient(base_url, api_model, timeout=cfg.request_timeout, max_retries=cfg.max_retries)
-    try:
-        c = await client.chat(messages, temperature=1.0, max_tokens=64)
-        return c.content
-    finally:
-        await client.aclose()
 
 
 async def _run_api(client, jobs, system, cfg, emit):

@@ -8,6 +8,9 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from .errors import UserError
 
 EMBEDDED = "embedded"
@@ -33,9 +36,6 @@ def embedded_gguf_path() -> Path:
 def convert_embedded(dest: Path) -> None:
     """Dequantises the GGUF to a plain fp32 HF folder. Written beside `dest` and renamed when complete,
     so a conversion killed half-way leaves nothing that a later run would trust."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = embedded_gguf_path()
     print(f"converting the embedded model {gguf.name} to {dest} (once, about a minute)", flush=True)
     t0 = time.time()
@@ -58,7 +58,12 @@ def convert_embedded(dest: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "CONVERTED_FROM").write_text(f"{gguf}\n")
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished the same conversion first: keep its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "CONVERTED_FROM").exists():
+            raise
     print(f"converted in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -73,8 +78,6 @@ def resolve_model_path(model_name_or_path: str, model_cache_dir: str = "") -> st
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
-
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -83,8 +86,6 @@ def pick_device(device: str = "auto") -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -98,9 +99,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, device: str = "cpu", trust_remote_code: bool = False):
     """fp32 on CPU; bf16 on GPU (LoRA adapters stay fp32: peft upcasts them)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -120,10 +118,10 @@ def _load_error(path: str, e: Exception) -> UserError:
         f"/path/to/folder, or use the default --model_name_or_path embedded. ({str(e).splitlines()[0]})")
 
 
-def load(cfg, with_model: bool = True):
-    """Returns (model or None, tokenizer, resolved path, device) for a Config."""
+def load(cfg):
+    """Returns (model, tokenizer, resolved path, device) for a Config."""
     path = resolve_model_path(cfg.model_name_or_path, cfg.model_cache_dir)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    model = load_model(path, device, cfg.trust_remote_code) if with_model else None
+    model = load_model(path, device, cfg.trust_remote_code)
     return model, tokenizer, path, device

@@ -1,27 +1,54 @@
-"""The baking stage: cached teacher top-K -> LoRA student trained without the prompt -> checkpoints."""
+"""The baking stage: cached teacher top-K -> LoRA student trained without the prompt -> checkpoints.
+
+bake() reads as its phases: check the inputs and build the teacher cache (nothing on disk is touched
+until every input is good), claim the run folder, build or restore the trainer, then one loop of
+train_step() with an evaluation at each epoch end, then finish(). Each phase is a function of its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
-import shutil
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import orjson
 import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import get_linear_schedule_with_warmup
 
 from . import model as models
 from .baked import BAKE_CONFIG, model_config_sha256
+from .chat import render_prompt_ids
+from .config import Config, to_dict
 from .data import load_rows, read_prompt
 from .errors import UserError
 from .forward import backbone_and_head, response_hidden
-from .io import JsonlAppender, atomic_dir, commit_dir, read_json, sha256_file, sha256_text, write_json
+from .generate import decode_response, generate, generate_ids
+from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
+from .locks import run_lock
 from .loss import head_topk_kl_with_tail
+from .metrics import kl_and_agreement
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
+from .tracking import Logger
+
+HELD_OUT = "held_out.jsonl"
+TRAINER_STATE = "trainer_state.pt"
+CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
+# Settings a resumed run may change: they don't change the numbers the run computes.
+RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
+                     "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
+                     "model_cache_dir", "overwrite"}
+# Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
+DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
+                 "training_prompts", "generate_queries", "num_queries", "samples_per_query", "temperatures",
+                 "max_new_tokens", "top_p", "gen_batch_size", "max_prompt_tokens"}
 
 
 @dataclass
@@ -35,36 +62,38 @@ class Target:
     teacher: TeacherTopK
     train: list[int]
     held_out: list[int]
+    marker_regex: str = ""
 
 
 # ---------------------------------------------------------------- data and teacher
 def target_specs(cfg) -> list[dict]:
+    """One spec per target: its prompt file, data file, weight, name and optional student prompt and markers."""
     specs = cfg.targets or [{"prompt_file": cfg.prompt_file, "data": ""}]
     out = []
-    for i, t in enumerate(specs):
+    for t in specs:
         data = t.get("data") or str(Path(cfg.data_dir) / f"{cfg.name}.jsonl")
+        name = t.get("name") or (Path(data).stem if cfg.targets else cfg.name)
         out.append({"prompt_file": t.get("prompt_file", cfg.prompt_file), "student_prompt": t.get("student_prompt", ""),
-                    "data": data, "weight": float(t.get("weight", 1.0)), "name": Path(data).stem if cfg.targets else cfg.name})
-        if out[-1]["weight"] <= 0:
-            raise UserError(f"targets[{i}]: weight must be > 0")
+                    "data": data, "weight": float(t.get("weight", 1.0)), "name": name,
+                    "marker_regex": t.get("marker_regex", "")})
+    names = [s["name"] for s in out]
+    if len(set(names)) != len(names):
+        raise UserError(f"targets: two targets are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                        f"give each a distinct `name`")
     return out
 
 
 def _answered_rows(cfg, spec, model, tokenizer):
     """The target's rows; prompts-only data is first answered by the local teacher (same code as generate_data)."""
-    rows = load_rows(spec["data"], strip_system=cfg.strip_system)
+    rows = spec["rows"]
     if all(r.response is not None for r in rows):
         return rows, spec["data"]
     if any(r.response is not None for r in rows):
         bad = next(r for r in rows if r.response is None)
         raise UserError(f"{spec['data']}:{bad.line}: the row has no assistant turn, but others do; paired data "
                         f"needs one in every row")
-    from dataclasses import replace
-
-    from .generate import generate
-
     print(f"{spec['data']} holds prompts only: the local teacher answers them first")
-    gen_cfg = replace(cfg, prompts=spec["data"], prompt_file=spec["prompt_file"], training_prompts=[],
+    gen_cfg = dataclasses.replace(cfg, prompts=spec["data"], prompt_file=spec["prompt_file"], training_prompts=[],
                       generate_queries=0, backend="local", name=f"{Path(spec['data']).stem}.answered")
     out = generate(gen_cfg, model, tokenizer)
     return load_rows(str(out)), str(out)
@@ -84,32 +113,42 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
     return train, [i for i, e in enumerate(examples) if e.group in held]
 
 
-def prepare_targets(cfg, model, tokenizer, model_path: str) -> list[Target]:
-    targets = []
-    for spec in target_specs(cfg):
-        system = read_prompt(spec["prompt_file"])
-        rows, data_file = _answered_rows(cfg, spec, model, tokenizer)
-        meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
-        meta = read_json(meta_path) if meta_path.exists() else {}
-        use_ids = meta.get("settings", {}).get("model") == model_path
-        if meta.get("settings", {}).get("prompt_sha256") not in (None, sha256_text(system)):
-            print(f"warning: {data_file} was generated with another system prompt than {spec['prompt_file']}")
-        examples, cut = build_examples(rows, tokenizer, system, spec["student_prompt"], cfg.max_seq_len, use_ids,
-                                       data_file, getattr(model.config, "max_position_embeddings", None))
-        if cut:
-            print(f"warning: {cut} response(s) in {data_file} were cut to max_seq_len={cfg.max_seq_len}; "
-                  f"their turn end is not trained")
-        key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
-                        tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
-        teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
-                                cfg.teacher_batch_size)
-        check_alignment(examples, teacher, tokenizer, data_file)
-        train, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
-        targets.append(Target(spec["name"], system, spec["student_prompt"], Path(data_file), spec["weight"],
-                              examples, teacher, train, held_out))
-        print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
-              f"{sum(e.n_response for e in examples)} response tokens, cache {teacher.bytes_per_token:.0f} B/token")
-    return targets
+def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target:
+    """Tokenizes one target's rows, loads or builds its teacher cache, and checks the alignment."""
+    system = read_prompt(spec["prompt_file"])
+    rows, data_file = _answered_rows(cfg, spec, model, tokenizer)
+    meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
+    meta = read_json(meta_path) if meta_path.exists() else {}
+    settings = meta.get("settings", {}) if isinstance(meta, dict) else {}
+    use_ids = settings.get("model") == model_path
+    if settings.get("prompt_sha256") not in (None, sha256_text(system)):
+        print(f"warning: {data_file} was generated with another system prompt than {spec['prompt_file']}")
+    examples, cut = build_examples(rows, tokenizer, system, spec["student_prompt"], cfg.max_seq_len, use_ids,
+                                   data_file, getattr(model.config, "max_position_embeddings", None))
+    if cut:
+        print(f"warning: {cut} response(s) in {data_file} were cut to max_seq_len={cfg.max_seq_len}; "
+              f"their turn end is not trained")
+    key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
+                    tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
+    teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
+                            cfg.teacher_batch_size)
+    check_alignment(examples, teacher, tokenizer, data_file)
+    train, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
+    print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
+          f"{sum(e.n_response for e in examples)} response tokens, cache {teacher.bytes_per_token:.0f} B/token")
+    return Target(spec["name"], system, spec["student_prompt"], Path(data_file), spec["weight"], examples, teacher,
+                  train, held_out, spec["marker_regex"])
+
+
+def check_inputs(cfg, tokenizer) -> list[dict]:
+    """Every input a bake reads, checked before anything on disk is touched."""
+    if cfg.top_k > len(tokenizer):
+        raise UserError(f"`top_k` is {cfg.top_k}, over the vocabulary of {len(tokenizer)} tokens; lower --top_k")
+    specs = target_specs(cfg)
+    for spec in specs:
+        read_prompt(spec["prompt_file"])
+        spec["rows"] = load_rows(spec["data"], strip_system=cfg.strip_system)
+    return specs
 
 
 # ---------------------------------------------------------------- batches
@@ -178,8 +217,6 @@ def eval_topk_kl(model, targets: list[Target], pad_id: int, batch_size: int) -> 
 def eval_full_kl(model, targets: list[Target], pad_id: int, batch_size: int, adapter: bool = True) -> dict:
     """Full-vocabulary KL(prompted base || model without prompt) and top-1 agreement on held-out rows.
     The teacher is recomputed (adapter disabled), so the number does not depend on the cache."""
-    from .evaluate import kl_and_agreement
-
     held_out = [t.examples[r] for t in targets for r in t.held_out]
     if not held_out:
         return {}
@@ -189,247 +226,293 @@ def eval_full_kl(model, targets: list[Target], pad_id: int, batch_size: int, ada
 
 # ---------------------------------------------------------------- checkpoints
 def bake_info(cfg, targets: list[Target], model_path: str, base_model) -> dict:
-    from config import to_dict
-
-    return {"config": to_dict(cfg), "base_model_path": model_path, "base_config_sha256": model_config_sha256(base_model),
-            "config_sha256": sha256_text(repr(sorted(to_dict(cfg).items()))),
+    config = to_dict(cfg)
+    return {"config": config, "base_model_path": model_path, "base_config_sha256": model_config_sha256(base_model),
+            "config_sha256": sha256_text(repr(sorted(config.items()))),
             "targets": [{"name": t.name, "system_prompt": t.system, "system_prompt_sha256": sha256_text(t.system),
                          "student_prompt": t.student_prompt, "data": str(t.data), "data_sha256": sha256_file(t.data),
-                         "weight": t.weight, "train_rows": len(t.train), "held_out_rows": len(t.held_out)}
-                        for t in targets]}
+                         "weight": t.weight, "marker_regex": t.marker_regex, "train_rows": len(t.train),
+                         "held_out_rows": len(t.held_out)} for t in targets]}
 
 
 def save_checkpoint(model, path: Path, info: dict, state: dict | None) -> None:
     """Writes the adapter, bake_config.json and (for step-N) the trainer state, then renames: atomic."""
-    tmp = atomic_dir(path)
-    try:
+    with folder_written_atomically(path) as tmp:
         model.save_pretrained(tmp)
         write_json(tmp / BAKE_CONFIG, info)
         if state is not None:
-            torch.save(state, tmp / "trainer_state.pt")
-        commit_dir(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not save {path}: {e.strerror or e}; earlier checkpoints are intact") from None
+            torch.save(state, tmp / TRAINER_STATE)
 
 
 def last_step_checkpoint(run_dir: Path) -> Path | None:
-    steps = [p for p in run_dir.glob("step-*") if (p / "trainer_state.pt").exists()]
+    steps = [p for p in run_dir.glob("step-*") if (p / TRAINER_STATE).exists() and p.name[5:].isdigit()]
     return max(steps, key=lambda p: int(p.name.split("-")[1])) if steps else None
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def open_wandb(cfg, run_dir: Path, config: dict, name: str):
-    """A W&B run, or None when disabled. Offline without WANDB_API_KEY; `wandb_mode` overrides."""
-    mode = cfg.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    if mode == "disabled":
-        return None
-    import wandb
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.wandb_project, name=name, dir=str(run_dir), mode=mode, config=config,
-                      reinit="finish_previous")
+def write_held_out(path: Path, targets: list[Target]) -> None:
+    """Each target's held-out queries (never trained on), for evaluate.py: {"messages", "target"} rows."""
+    rows = []
+    for t in targets:
+        groups = dict.fromkeys(t.examples[r].group for r in t.held_out)
+        rows += [orjson.dumps({"messages": orjson.loads(g), "target": t.name}) + b"\n" for g in groups]
+    atomic_write_bytes(path, b"".join(rows))
 
 
-class Logger:
-    """metrics.jsonl always; W&B when enabled (offline without WANDB_API_KEY)."""
-
-    def __init__(self, cfg, run_dir: Path, config: dict):
-        self.metrics = JsonlAppender(run_dir / "metrics.jsonl")
-        self.wandb = open_wandb(cfg, run_dir, config, cfg.name)
-
-    def log(self, step: int, values: dict) -> None:
-        self.metrics.write({"step": step, **values})
-        if self.wandb:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        self.metrics.close()
-        if self.wandb:
-            self.wandb.finish()
+def changed_settings(saved: dict, info: dict) -> list[str]:
+    """What differs from a checkpoint's bake_config and would change what the resumed run computes:
+    settings, and each target's prompt and data."""
+    now, was = info["config"], saved.get("config", {})
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE | DATA_SETTINGS and was.get(k, now[k]) != now[k]]
+    for t, old in zip(info["targets"], saved.get("targets", [])):
+        changed += [f"{t['name']}: {what}" for what, key in (("the system prompt", "system_prompt_sha256"),
+                                                             ("the data", "data_sha256")) if old.get(key) != t[key]]
+    return sorted(changed)
 
 
-# ---------------------------------------------------------------- the stage
-def bake(cfg) -> Path:
-    """Trains checkpoints/<name>/final from the data; returns its path."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------- the trainer
+@dataclass
+class Trainer:
+    """Everything one bake carries from phase to phase."""
+    cfg: Config
+    run_dir: Path
+    model: object
+    tokenizer: object
+    targets: list[Target]
+    info: dict
+    device: str
+    logger: Logger | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: object = None
+    params: list = field(default_factory=list)
+    step: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    last_good: Path | None = None
+    timings: dict = field(default_factory=dict)
 
-    from config import to_dict
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
-    t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    run_dir = Path(cfg.checkpoint_dir) / cfg.name
-    resume_from = last_step_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        print(f"--resume: no step checkpoint in {run_dir}; starting fresh")
+    @property
+    def max_batch_tokens(self) -> int:
+        if self.cfg.max_batch_tokens >= 0:
+            return self.cfg.max_batch_tokens
+        return CPU_MAX_BATCH_TOKENS if self.device == "cpu" else 0
+
+
+def prepare(cfg, run_dir: Path) -> Trainer:
+    """Loads the model, checks every input and builds the teacher caches. Writes nothing under run_dir."""
+    t0 = time.time()
+    base, tokenizer, model_path, device = models.load(cfg)
+    timings = {"model_load_s": time.time() - t0}
+    print(f"model: {model_path} on {device}")
+    specs = check_inputs(cfg, tokenizer)
+    t0 = time.time()
+    targets = [prepare_target(cfg, spec, base, tokenizer, model_path) for spec in specs]
+    timings["teacher_cache_s"] = time.time() - t0
+    info = bake_info(cfg, targets, model_path, base)
+    return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings)
+
+
+def claim_run_dir(run_dir: Path, resume_from: Path | None) -> None:
+    """A fresh bake moves an earlier run aside (nothing is deleted); a resumed one keeps it."""
     if resume_from is None and run_dir.exists() and any(run_dir.iterdir()):
         old = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(run_dir, old)
         print(f"moved the earlier run to {old} (nothing is deleted)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    timings, t_phase = {}, time.time()
-    base, tokenizer, model_path, device = models.load(cfg)
-    timings["model_load_s"], t_phase = time.time() - t_phase, time.time()
-    print(f"model: {model_path} on {device}")
-    pad_id = tokenizer.pad_token_id
-    targets = prepare_targets(cfg, base, tokenizer, model_path)
-    timings["teacher_cache_s"], t_phase = time.time() - t_phase, time.time()
-    info = bake_info(cfg, targets, model_path, base)
-    write_json(run_dir / BAKE_CONFIG, info)
-    write_held_out(run_dir / "held_out.jsonl", targets[0])
 
-    target_modules = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [m.strip() for m in cfg.target_modules.split(",")]
+def build_optimizer(tr: Trainer) -> None:
+    """Wraps the base model in a LoRA adapter and sets up AdamW with linear warmup and decay."""
+    cfg = tr.cfg
+    modules = cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target_modules, modules_to_save=None, task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)
-    model.print_trainable_parameters()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    micro_per_epoch = len(epoch_plan(targets, cfg.batch_size, cfg.seed, 0))
-    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.num_epochs
-    warmup = max(1, int(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    logger = Logger(cfg, run_dir, {k: v for k, v in to_dict(cfg).items()})
+                      target_modules=modules, modules_to_save=None, task_type="CAUSAL_LM")
+    try:
+        tr.model = get_peft_model(tr.model, lora)
+    except ValueError as e:
+        raise UserError(f"`target_modules` {cfg.target_modules!r}: {str(e).splitlines()[0]}") from None
+    tr.model.print_trainable_parameters()
+    tr.params = [p for p in tr.model.parameters() if p.requires_grad]
+    tr.optimizer = torch.optim.AdamW(tr.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Every micro-batch is trained: the last step of an epoch takes what is left.
+    tr.steps_per_epoch = math.ceil(len(epoch_plan(tr.targets, cfg.batch_size, cfg.seed, 0)) / cfg.grad_accum)
+    tr.total_steps = tr.steps_per_epoch * cfg.num_epochs
+    warmup = max(1, int(cfg.warmup_ratio * tr.total_steps)) if cfg.warmup_ratio > 0 else 0
+    tr.schedule = get_linear_schedule_with_warmup(tr.optimizer, warmup, tr.total_steps)
 
-    step = 0
-    if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print(f"resumed from {resume_from} at step {step}/{total_steps}")
 
-    eval_bs = cfg.teacher_batch_size
-    if step == 0:
-        before = eval_full_kl(model, targets, pad_id, eval_bs, adapter=False)
-        if before:
-            logger.log(0, {f"eval/{k}_before": v for k, v in before.items()})
-            print(f"held-out before baking | eval/kl_full {before['kl_full']:.4f} | "
-                  f"eval/top1_agreement {before['top1_agreement']:.3f}")
-    print(f"training: {total_steps} steps ({cfg.num_epochs} epochs x {steps_per_epoch}), "
-          f"{cfg.batch_size * cfg.grad_accum} rows per step")
-    last_good = resume_from
-    student_lengths = [[len(e.student_ids) for e in t.examples] for t in targets]
-    max_batch_tokens = cfg.max_batch_tokens if cfg.max_batch_tokens >= 0 else (768 if device == "cpu" else 0)
-    model.train()
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        t_epoch = time.time()
-        plan = epoch_plan(targets, cfg.batch_size, cfg.seed, epoch)
-        for s in range(in_epoch, steps_per_epoch):
-            t0 = time.time()
-            micro = plan[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
-            total_tokens = sum(targets[ti].examples[r].n_response for ti, rows in micro for r in rows)
-            step_loss = 0.0
-            for ti, rows in micro:
-                for piece in token_pieces(rows, student_lengths[ti], max_batch_tokens):
-                    loss, n = batch_loss(model, targets[ti], piece, pad_id)
-                    (loss * n / total_tokens).backward()
-                    step_loss += loss.item() * n / total_tokens
-            if not math.isfinite(step_loss):
-                logger.close()
-                raise UserError(f"the loss is {step_loss} at step {step + 1}; stopped without saving it. The last good "
-                                f"checkpoint is {last_good or 'none (no step saved yet)'}; lower --learning_rate")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t0
-            row = {"train/kl": step_loss, "train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
-                   "train/tokens_per_s": total_tokens / dt, "train/epoch": epoch + (s + 1) / steps_per_epoch}
-            logger.log(step, row)
-            if step % cfg.log_every == 0 or step == total_steps:
-                print(f"step {step:4d}/{total_steps} | train/kl {step_loss:.4f} | train/lr {row['train/lr']:.2e} | "
-                      f"train/grad_norm {grad_norm:.3f} | train/tokens_per_s {row['train/tokens_per_s']:.0f} | "
-                      f"{dt * 1000:.0f} ms", flush=True)
-            if step % cfg.save_steps == 0 or s == steps_per_epoch - 1:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "rng": rng_state(),
-                         "step": step, "total_steps": total_steps}
-                last_good = run_dir / f"step-{step}"
-                save_checkpoint(model, last_good, info, state)
-        timings[f"epoch_{epoch + 1}_s"] = time.time() - t_epoch
-        model.eval()
-        kl = eval_topk_kl(model, targets, pad_id, eval_bs)
-        model.train()
-        if kl is not None:
-            logger.log(step, {"eval/kl": kl})
-            print(f"epoch {epoch + 1}/{cfg.num_epochs} | eval/kl {kl:.4f} (top-{cfg.top_k} + tail, held-out)")
+def restore(tr: Trainer, resume_from: Path) -> None:
+    """Continues from a step-N checkpoint: adapter, optimizer, scheduler and RNG, if the settings still match."""
+    changed = changed_settings(read_json(resume_from / BAKE_CONFIG), tr.info)
+    if changed:
+        raise UserError(f"--resume: {', '.join(changed)} differ from {resume_from}'s settings, and would change "
+                        f"the result; rerun with the same values, or without --resume to start over")
+    try:
+        state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
+        set_peft_model_state_dict(tr.model, load_file(resume_from / "adapter_model.safetensors"))
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.schedule.load_state_dict(state["scheduler"])
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many kinds for a damaged file
+        raise UserError(f"{resume_from}: the checkpoint is damaged ({type(e).__name__}: {str(e)[:120]}); delete "
+                        f"that folder to resume from the one before, or rerun without --resume") from None
+    set_rng_state(state["rng"])
+    tr.step = state["step"]
+    tr.last_good = resume_from
+    print(f"resumed from {resume_from} at step {tr.step}/{tr.total_steps}")
 
-    model.eval()
-    final = run_dir / "final"
-    t_phase = time.time()
-    save_checkpoint(model, final, info, None)
-    timings["save_s"] = time.time() - t_phase
-    after = eval_full_kl(model, targets, pad_id, eval_bs)
+
+def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
+    """One optimizer step over these micro-batches: token-weighted mean loss, clipped gradient."""
+    lengths = {ti: [len(e.student_ids) for e in tr.targets[ti].examples] for ti, _ in micro}
+    total_tokens = sum(tr.targets[ti].examples[r].n_response for ti, rows in micro for r in rows)
+    step_loss = 0.0
+    for ti, rows in micro:
+        for piece in token_pieces(rows, lengths[ti], tr.max_batch_tokens):
+            loss, n = batch_loss(tr.model, tr.targets[ti], piece, tr.pad_id)
+            (loss * n / total_tokens).backward()
+            step_loss += loss.item() * n / total_tokens
+    if not math.isfinite(step_loss):
+        raise UserError(f"the loss is {step_loss} at step {tr.step + 1}; stopped without saving it. The last good "
+                        f"checkpoint is {tr.last_good or 'none (no step saved yet)'}; lower --learning_rate")
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.max_grad_norm).item()
+    tr.optimizer.step()
+    tr.schedule.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return {"train/kl": step_loss, "train/lr": tr.schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
+            "train/tokens": total_tokens}
+
+
+def save_step(tr: Trainer) -> None:
+    state = {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.schedule.state_dict(), "rng": rng_state(),
+             "step": tr.step, "total_steps": tr.total_steps}
+    tr.last_good = tr.run_dir / f"step-{tr.step}"
+    save_checkpoint(tr.model, tr.last_good, tr.info, state)
+
+
+def run_epoch(tr: Trainer, epoch: int) -> None:
+    cfg = tr.cfg
+    plan = epoch_plan(tr.targets, cfg.batch_size, cfg.seed, epoch)
+    for s in range(tr.step - epoch * tr.steps_per_epoch, tr.steps_per_epoch):
+        t0 = time.time()
+        row = train_step(tr, plan[s * cfg.grad_accum:(s + 1) * cfg.grad_accum])
+        dt = time.time() - t0
+        row.update({"train/tokens_per_s": row.pop("train/tokens") / dt, "train/epoch": epoch + (s + 1) / tr.steps_per_epoch})
+        tr.logger.log(tr.step, row)
+        if tr.step % cfg.log_every == 0 or tr.step == tr.total_steps:
+            print(f"step {tr.step:4d}/{tr.total_steps} | train/kl {row['train/kl']:.4f} | train/lr {row['train/lr']:.2e} | "
+                  f"train/grad_norm {row['train/grad_norm']:.3f} | train/tokens_per_s {row['train/tokens_per_s']:.0f} | "
+                  f"{dt * 1000:.0f} ms", flush=True)
+        if tr.step % cfg.save_steps == 0 or s == tr.steps_per_epoch - 1:
+            save_step(tr)
+
+
+def evaluate_epoch(tr: Trainer, epoch: int) -> None:
+    tr.model.eval()
+    kl = eval_topk_kl(tr.model, tr.targets, tr.pad_id, tr.cfg.teacher_batch_size)
+    tr.model.train()
+    if kl is not None:
+        tr.logger.log(tr.step, {"eval/kl": kl})
+        print(f"epoch {epoch + 1}/{tr.cfg.num_epochs} | eval/kl {kl:.4f} (top-{tr.cfg.top_k} + tail, held-out)")
+
+
+def evaluate_before(tr: Trainer) -> None:
+    before = eval_full_kl(tr.model, tr.targets, tr.pad_id, tr.cfg.teacher_batch_size, adapter=False)
+    if before:
+        tr.logger.log(0, {f"eval/{k}_before": v for k, v in before.items()})
+        print(f"held-out before baking | eval/kl_full {before['kl_full']:.4f} | "
+              f"eval/top1_agreement {before['top1_agreement']:.3f}")
+
+
+def finish(tr: Trainer) -> Path:
+    """Saves final/, measures the held-out KL against the one before baking, and answers a few queries."""
+    tr.model.eval()
+    final = tr.run_dir / "final"
+    t0 = time.time()
+    save_checkpoint(tr.model, final, tr.info, None)
+    tr.timings["save_s"] = time.time() - t0
+    after = eval_full_kl(tr.model, tr.targets, tr.pad_id, tr.cfg.teacher_batch_size)
     if after:
-        logger.log(step, {f"eval/{k}": v for k, v in after.items()})
-        before = next((r for r in _read_metrics(run_dir) if "eval/kl_full_before" in r), None)
+        tr.logger.log(tr.step, {f"eval/{k}": v for k, v in after.items()})
+        before = next((r for r in tr.logger.rows() if "eval/kl_full_before" in r), None)
         if before:
             b = before["eval/kl_full_before"]
             print(f"held-out full-vocabulary KL to the prompted teacher: {b:.4f} -> {after['kl_full']:.4f} "
                   f"({100 * (1 - after['kl_full'] / b):.0f}% lower) | top-1 agreement "
                   f"{before['eval/top1_agreement_before']:.3f} -> {after['top1_agreement']:.3f}")
-    logger.close()
-    if cfg.verify_queries > 0:
-        verify(model, tokenizer, targets, cfg)
-    timings["total_s"] = time.time() - t_start
-    write_json(run_dir / "timings.json", timings)
-    print(f"saved {final} in {timings['total_s']:.0f}s")
+    if tr.cfg.verify_queries > 0:
+        for target in tr.targets:
+            verify(tr.model, tr.tokenizer, target, tr.cfg)
     return final
 
 
-def write_held_out(path: Path, target: Target) -> None:
-    """The held-out queries (never trained on), for evaluate.py."""
-    groups = dict.fromkeys(target.examples[r].group for r in target.held_out)
-    data = b"".join(orjson.dumps({"messages": orjson.loads(g)}) + b"\n" for g in groups)
-    from .io import atomic_write_bytes
+def bake(cfg) -> Path:
+    """Trains checkpoints/<name>/final from the data; returns its path."""
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    run_dir = Path(cfg.checkpoint_dir) / cfg.name
+    with ExitStack() as stack:
+        stack.enter_context(run_lock(run_dir, "bake"))
+        resume_from = last_step_checkpoint(run_dir) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            print(f"--resume: no step checkpoint in {run_dir}; starting fresh")
+        tr = prepare(cfg, run_dir)
+        build_optimizer(tr)
+        if resume_from is not None:
+            restore(tr, resume_from)
+        claim_run_dir(run_dir, resume_from)
+        write_json(run_dir / BAKE_CONFIG, tr.info)
+        write_held_out(run_dir / HELD_OUT, tr.targets)
+        tr.logger = Logger(cfg, run_dir, to_dict(cfg), resume_step=tr.step if resume_from else None)
+        stack.callback(tr.logger.close)
+        if tr.step == 0:
+            evaluate_before(tr)
+        print(f"training: {tr.total_steps} steps ({cfg.num_epochs} epochs x {tr.steps_per_epoch}), "
+              f"{cfg.batch_size * cfg.grad_accum} rows per step")
+        tr.model.train()
+        while tr.step < tr.total_steps:
+            epoch = tr.step // tr.steps_per_epoch
+            t0 = time.time()
+            run_epoch(tr, epoch)
+            tr.timings[f"epoch_{epoch + 1}_s"] = time.time() - t0
+            evaluate_epoch(tr, epoch)
+        final = finish(tr)
+        tr.timings["total_s"] = time.time() - t_start
+        write_json(run_dir / "timings.json", tr.timings)
+    print(f"saved {final} in {tr.timings['total_s']:.0f}s")
+    return final
 
-    atomic_write_bytes(path, data)
 
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    from .io import read_jsonl
-
-    return [r for _, r in read_jsonl(run_dir / "metrics.jsonl")]
-
-
-def verify(model, tokenizer, targets: list[Target], cfg) -> None:
+def verify(model, tokenizer, target: Target, cfg) -> None:
     """Answers a few held-out queries with the baked model (no prompt) beside the prompted base."""
-    from .chat import render_prompt_ids
-    from .generate import decode_response, generate_ids
-
-    t = targets[0]
-    rows = t.held_out or t.train
-    contexts, seen = [], set()
-    for r in rows:
-        if t.examples[r].group not in seen:
-            seen.add(t.examples[r].group)
-            contexts.append(orjson.loads(t.examples[r].group))
-    contexts = contexts[:cfg.verify_queries]
-    print(f"\nverification on {len(contexts)} held-out queries (greedy):")
+    groups = dict.fromkeys(target.examples[r].group for r in (target.held_out or target.train))
+    contexts = [orjson.loads(g) for g in list(groups)[:cfg.verify_queries]]
+    print(f"\nverification of target {target.name!r} on {len(contexts)} held-out queries (greedy):")
     for ctx in contexts:
-        baked_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, t.student_prompt or None)],
+        baked_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, target.student_prompt or None)],
                                  temperature=0, max_new_tokens=cfg.eval_max_new_tokens)[0][0]
         with model.disable_adapter():
-            base_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, t.system)], temperature=0,
+            base_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, target.system)], temperature=0,
                                     max_new_tokens=cfg.eval_max_new_tokens)[0][0]
         print(f"  user:             {ctx[-1]['content']}")
         print(f"  prompted base:    {decode_response(tokenizer, base_ids)[:200]!r}")

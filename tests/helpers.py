@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def env(**extra):
-    e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    e = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
     e.update(extra)
     return e
 

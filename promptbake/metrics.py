@@ -1,0 +1,49 @@
+"""Measures shared by bake.py and evaluate.py: full-vocabulary KL to the prompted teacher, top-1
+agreement, and adherence (does an answer show the baked behaviour)."""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+
+import torch
+
+from .forward import backbone_and_head, response_hidden
+from .loss import full_kl
+
+KL_CHUNK = 128  # positions whose full-vocabulary logits exist at once
+
+
+@torch.inference_mode()
+def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter: bool = True) -> tuple[float, float]:
+    """Full-vocabulary KL(prompted base || model without prompt), and top-1 agreement, token-weighted.
+    The teacher is the model with its adapter disabled; adapter=False measures the base model without the prompt."""
+    kl, agree, n = 0.0, 0.0, 0
+    head = backbone_and_head(model)[1]
+    for b in range(0, len(examples), batch_size):
+        ex = examples[b:b + batch_size]
+        n_resp = [e.n_response for e in ex]
+        with model.disable_adapter():
+            t_hidden = response_hidden(model, [e.teacher_ids for e in ex], n_resp, pad_id)
+        with nullcontext() if adapter else model.disable_adapter():
+            s_hidden = response_hidden(model, [e.student_ids for e in ex], n_resp, pad_id)
+        for c in range(0, len(t_hidden), KL_CHUNK):
+            t, s = head(t_hidden[c:c + KL_CHUNK]), head(s_hidden[c:c + KL_CHUNK])
+            kl += full_kl(t, s, torch.ones(len(t), device=t.device)).item() * len(t)
+            agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
+        n += len(t_hidden)
+    return kl / n, agree / n
+
+
+def follows(text: str, markers: list[str], regex: str) -> bool:
+    """An answer shows the behaviour when `regex` matches it (any case), else when it holds one of `markers`."""
+    if regex:
+        return re.search(regex, text, flags=re.I) is not None
+    low = text.lower()
+    return any(m.lower() in low for m in markers)
+
+
+def marker_rate(texts: list[str], markers: list[str], regex: str) -> float | None:
+    if not (markers or regex) or not texts:
+        return None
+    return sum(follows(t, markers, regex) for t in texts) / len(texts)

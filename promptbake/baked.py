@@ -40,8 +40,8 @@ def set_strength(model, strength: float) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for name in module.scaling:
-                base = module.lora_alpha[name] / module.r[name]
-                module.scaling[name] = base * strength
+                # peft's own initial scale times `strength`: alpha / r, or alpha / sqrt(r) for rsLoRA
+                module.set_scale(name, strength)
 
 
 def load_baked(path: str | Path, model_name_or_path: str | None = None, device: str = "auto",

@@ -7,12 +7,13 @@ lm_head runs only on the response tokens themselves (no padding, no prompt posit
 Tokens that open every row of a batch (the system turn, the template's default system line) are run
 once as a batch-of-one prefix, and the rows attend to its keys and values (`SharedPrefix`). For the
 teacher that is the system prompt, once for the whole cache; for the student it is the batch's common
-head, recomputed each step with gradients. `supports_shared_prefix` checks the result against a plain
-forward on the model at hand and falls back to full rows where it differs.
+head, recomputed each step with gradients. `enable_shared_prefix` checks the result against a plain
+forward on the model at hand, in its dtype, falls back to full rows where it differs, and says which.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks")) or dropout:
-        raise NotImplementedError("shared-prefix attention supports plain causal attention only")
+        raise NotImplementedError("sliding window / softcapping / attention sinks / dropout not supported")
     prefix_k, prefix_v = shared_prefix.layers[module.layer_idx]
     batch, _, width, _ = query.shape
     # One layer's prefix is broadcast into the batch here and freed after the layer, never the whole cache:
@@ -81,34 +82,108 @@ def _register() -> None:
         AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+# ---------------------------------------------------------------- deciding, once per model
+@dataclass(frozen=True)
+class PrefixDecision:
+    enabled: bool
+    dtype: torch.dtype
+    reason: str = ""  # why it is off
+    max_diff: float | None = None  # the probe's max |shared - plain| over the logits
+    tol: float | None = None
+
+    def __str__(self) -> str:
+        dtype = _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+        if self.enabled:
+            return f"shared-prefix attention: on (max |Δlogit| {self.max_diff:.1e} <= tol {self.tol:.1e} " \
+                   f"vs plain sdpa, {dtype})"
+        return f"shared-prefix attention: off: {self.reason} ({dtype})"
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Keyed by the transformers model (a PeftModel's base), weakly: the decision is ours, not the model's, and
+# dies with it.
+_DECISIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Shared rows may differ from plain ones by this many times the dtype's rounding noise. On SmolLM2-135M they
+# differ by 0.9-1.3x (fp32 and bf16), while one wrong prefix token moves the logits by ~10: 18x the bf16
+# noise, 10^5x the fp32 noise.
+NOISE_FACTOR = 4
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def shared_prefix_enabled(model) -> bool:
+    """Whether `enable_shared_prefix` switched this model on (False while it has not been asked)."""
+    decision = _DECISIONS.get(_base(model))
+    return decision is not None and decision.enabled and decision.dtype == _dtype(model)
+
+
+def enable_shared_prefix(model) -> PrefixDecision:
+    """Switches an sdpa model's attention to the shared-prefix one (plain sdpa when no prefix is given) if,
+    on this model and in its dtype, prefix + rows gives the logits of full rows. Decided once per model
+    (again if its dtype changes), and printed."""
+    base = _base(model)
+    decision = _DECISIONS.get(base)
+    if decision is not None and decision.dtype == _dtype(model):
+        return decision
+    decision = _decide(model)
+    _DECISIONS[base] = decision
+    print(decision, flush=True)
+    return decision
+
+
 def supports_shared_prefix(model) -> bool:
-    """Switches an sdpa model to the shared-prefix attention (plain sdpa when no prefix is given) if, on
-    this model, prefix + rows gives the same logits as full rows. Checked once per model."""
-    _, head = backbone_and_head(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "_shared_prefix_ok"):
-        return base._shared_prefix_ok
-    ok = base._shared_prefix_ok = False
-    if base.config._attn_implementation in ("sdpa", ATTENTION):
-        _register()
-        base.set_attn_implementation(ATTENTION)
-        base._shared_prefix_ok = True  # for the probe's own calls
-        try:
-            vocab = head.weight.shape[0]
-            g = torch.Generator().manual_seed(0)
-            seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9)]
-            seqs = [seqs[0][:5] + s for s in seqs]
-            with torch.inference_mode():
-                full = response_logits(model, seqs, [3, 3], 0, share=False)
-                shared = response_logits(model, seqs, [3, 3], 0, prefix=shared_prefix(model, seqs[0][:5]))
-            tol = 1e-3 if head.weight.dtype == torch.float32 else 0.15
-            ok = bool(torch.allclose(full.float(), shared.float(), atol=tol, rtol=tol))
-        except NotImplementedError:
-            ok = False
-        if not ok:
-            base.set_attn_implementation("sdpa")
-    base._shared_prefix_ok = ok
-    return ok
+    """The old name, kept until teacher.py and tests/test_teacher.py call enable_shared_prefix(model).enabled."""
+    return enable_shared_prefix(model).enabled
+
+
+def _decide(model) -> PrefixDecision:
+    base, dtype = _base(model), _dtype(model)
+    if base.config._attn_implementation not in ("sdpa", ATTENTION):
+        return PrefixDecision(False, dtype, f"attention implementation is {base.config._attn_implementation}")
+    if getattr(base.config, "attention_dropout", 0.0):  # the probe runs in eval mode, where it would not show
+        return PrefixDecision(False, dtype, "attention dropout not supported")
+    _register()
+    base.set_attn_implementation(ATTENTION)
+    try:
+        diff, tol = _probe(model)
+    except NotImplementedError as e:
+        decision = PrefixDecision(False, dtype, str(e))
+    else:
+        reason = f"max |Δlogit| {diff:.1e} > tol {tol:.1e} vs plain sdpa"
+        decision = PrefixDecision(diff <= tol, dtype, "" if diff <= tol else reason, diff, tol)
+    if not decision.enabled:
+        base.set_attn_implementation("sdpa")
+    return decision
+
+
+def _probe(model) -> tuple[float, float]:
+    """Max |shared - plain| over the logits of random rows with a common head, and the tolerance: the
+    dtype's own rounding noise, measured as how far plain rows move when batched and padded instead of
+    run alone (at least one ulp of the largest logit). Run in eval mode: dropout would be noise too."""
+    vocab = backbone_and_head(model)[1].weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(0, vocab, (6,), generator=g).tolist()
+    seqs = [head + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9, 5)]
+    n_response = [3] * len(seqs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            plain = _logits(model, seqs, n_response, None).float()
+            alone = torch.cat([_logits(model, [s], [k], None) for s, k in zip(seqs, n_response)]).float()
+            shared = _logits(model, seqs, n_response, shared_prefix(model, head)).float()
+    finally:
+        for m, training in modes:
+            m.training = training
+    ulp = torch.finfo(_dtype(model)).eps * plain.abs().max().item()
+    noise = max((plain - alone).abs().max().item(), ulp)
+    return (shared - plain).abs().max().item(), NOISE_FACTOR * noise
+
+
+def _dtype(model) -> torch.dtype:
+    return backbone_and_head(model)[1].weight.dtype
 
 
 def shared_prefix(model, ids: list[int]) -> SharedPrefix:
@@ -135,14 +210,32 @@ def response_hidden(model, seqs: list[list[int]], n_response: list[int], pad_id:
     tokens, rows concatenated in order.
 
     `prefix`: the KV of tokens every row starts with (the teacher's system turn), computed once; without
-    it and with `share`, the batch's common head is run once for all rows."""
+    it and with `share`, the batch's common head is run once for all rows. Both only where
+    `enable_shared_prefix` switched the model on; else full rows."""
+    head_len = common_head(seqs, n_response) if prefix is None and share and len(seqs) > 1 else 0
+    if head_len >= MIN_SHARED and enable_shared_prefix(model).enabled:
+        prefix = shared_prefix(model, seqs[0][:head_len])
+    if prefix is not None and not enable_shared_prefix(model).enabled:
+        prefix = None
+    return _hidden(model, seqs, n_response, pad_id, prefix)
+
+
+def response_logits(model, seqs: list[list[int]], n_response: list[int], pad_id: int,
+                    prefix: SharedPrefix | None = None, share: bool = True) -> torch.Tensor:
+    """Logits [sum(n_response), V] of `response_hidden`: lm_head runs on the response positions only."""
+    return backbone_and_head(model)[1](response_hidden(model, seqs, n_response, pad_id, prefix, share))
+
+
+def _logits(model, seqs: list[list[int]], n_response: list[int], prefix: SharedPrefix | None) -> torch.Tensor:
+    return backbone_and_head(model)[1](_hidden(model, seqs, n_response, 0, prefix))
+
+
+def _hidden(model, seqs: list[list[int]], n_response: list[int], pad_id: int,
+            prefix: SharedPrefix | None) -> torch.Tensor:
+    """`response_hidden` as told: rows after `prefix` attend to its keys and values, without asking whether
+    the model's attention takes them."""
     backbone, head = backbone_and_head(model)
     device = head.weight.device
-    head_len = common_head(seqs, n_response) if prefix is None and share and len(seqs) > 1 else 0
-    if head_len >= MIN_SHARED and supports_shared_prefix(model):
-        prefix = shared_prefix(model, seqs[0][:head_len])
-    if prefix is not None and not supports_shared_prefix(model):
-        prefix = None
     kwargs = {}
     if prefix is not None:
         p = len(prefix.ids)
@@ -154,11 +247,6 @@ def response_hidden(model, seqs: list[list[int]], n_response: list[int], pad_id:
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                       **kwargs).last_hidden_state
     width = ids.shape[1]
-    rows = torch.cat([torch.arange(width - n - 1, width - 1, device=device) + j * width for j, n in enumerate(n_response)])
+    rows = torch.cat([torch.arange(width - n - 1, width - 1, device=device) + j * width
+                      for j, n in enumerate(n_response)])
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-
-
-def response_logits(model, seqs: list[list[int]], n_response: list[int], pad_id: int,
-                    prefix: SharedPrefix | None = None, share: bool = True) -> torch.Tensor:
-    """Logits [sum(n_response), V] of `response_hidden`: lm_head runs on the response positions only."""
-    return backbone_and_head(model)[1](response_hidden(model, seqs, n_response, pad_id, prefix, share))

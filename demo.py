@@ -11,8 +11,7 @@
 import argparse
 
 from promptbake.cli import main_guard
-from promptbake.config import parse_args
-from promptbake.config import STRENGTH
+from promptbake.config import STRENGTH, parse_args
 from promptbake.demo import chat, compare, load_for_demo
 
 

@@ -10,7 +10,6 @@ Every figure is a median over --repeats, measured in this process, side by side.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from promptbake.chat import system_prefix_ids
 from promptbake.data import Row
 from promptbake.forward import MIN_SHARED, common_head, shared_prefix
 from promptbake.generate import answer_locally
@@ -123,7 +121,7 @@ def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
         system = system_prompt(tokenizer, n_sys)
         examples, _ = build_examples(rows, tokenizer, system, "", 4096, True, "bench")
         n_tok = sum(e.n_response for e in examples)
-        prefix = system_prefix_ids(tokenizer, system)
+        prefix = examples[0].teacher_ids[:common_head([e.teacher_ids for e in examples], [e.n_response for e in examples])]
 
         def with_reuse():
             teacher_topk_rows(model, examples, shared_prefix(model, prefix), k, batch, tokenizer.pad_token_id,

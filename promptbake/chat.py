@@ -34,13 +34,3 @@ def response_ids_from_text(tokenizer, text: str, complete: bool = True) -> list[
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [end_of_turn_id(tokenizer)] if complete else ids
 
-
-def system_prefix_ids(tokenizer, system: str) -> list[int]:
-    """Tokens shared by every teacher sequence: the system turn. Found as the common prefix of two
-    renderings with different user turns, so it is right for any template."""
-    a = render_prompt_ids(tokenizer, [{"role": "user", "content": "a"}], system)
-    b = render_prompt_ids(tokenizer, [{"role": "user", "content": "b b"}], system)
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]

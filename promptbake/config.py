@@ -20,8 +20,8 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from .errors import UserError
 from .api_client import redact_url
+from .errors import UserError
 
 
 class ConfigError(UserError):

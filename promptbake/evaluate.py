@@ -7,8 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, set_strength
 from .chat import render_prompt_ids
@@ -21,7 +19,6 @@ from .metrics import kl_and_agreement, marker_rate
 from .teacher import build_examples
 from .tracking import open_wandb
 from .train import HELD_OUT
-
 
 EVAL_TEMPERATURE = 0.7  # sampled answers for KL rows and adherence; the same seeds for every model compared
 

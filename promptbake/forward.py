@@ -133,11 +133,6 @@ def enable_shared_prefix(model) -> PrefixDecision:
     return decision
 
 
-def supports_shared_prefix(model) -> bool:
-    """The old name, kept until teacher.py and tests/test_teacher.py call enable_shared_prefix(model).enabled."""
-    return enable_shared_prefix(model).enabled
-
-
 def _decide(model) -> PrefixDecision:
     base, dtype = _base(model), _dtype(model)
     if base.config._attn_implementation not in ("sdpa", ATTENTION):

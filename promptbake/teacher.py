@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .chat import render_prompt_ids, response_ids_from_text
 from .errors import UserError
-from .forward import SharedPrefix, common_head, response_logits, shared_prefix, supports_shared_prefix
+from .forward import SharedPrefix, common_head, enable_shared_prefix, response_logits, shared_prefix
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
@@ -159,8 +159,7 @@ def teacher_topk_rows(model, examples: list[Example], prefix: SharedPrefix | Non
             "logprobs": torch.cat([r[1] for r in per_row]).half()}
 
 
-def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int,
-                  reuse_prefix: bool = True) -> TeacherTopK:
+def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int) -> TeacherTopK:
     """Loads the cached teacher top-K for these examples, computing only the shards that are missing."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
@@ -175,7 +174,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         # The head every row opens with (system turn and template), over all rows so a resumed shard
         # is computed exactly as in a build from scratch.
         head_len = common_head([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
-            if reuse_prefix and supports_shared_prefix(model) else 0
+            if enable_shared_prefix(model).enabled else 0
         with torch.inference_mode():
             prefix = shared_prefix(model, examples[0].teacher_ids[:head_len]) if head_len else None
         t0 = time.time()

@@ -1,4 +1,4 @@
-from promptbake.chat import render_prompt_ids, response_ids_from_text, system_prefix_ids
+from promptbake.chat import render_prompt_ids, response_ids_from_text
 
 QWEN3_LIKE = (
     "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
@@ -43,10 +43,3 @@ def test_response_end_of_turn_only_when_complete(tokenizer):
     assert done[-1] == tokenizer.eos_token_id and cut[-1] != tokenizer.eos_token_id
     assert done[:-1] == cut
 
-
-def test_system_prefix_is_a_prefix_of_every_teacher_row(tokenizer):
-    prefix = system_prefix_ids(tokenizer, "You are a pirate.")
-    assert "You are a pirate." in tokenizer.decode(prefix)
-    for q in ["Hi", "What is the capital of France?", "<|im_start|> weird"]:
-        ids = render_prompt_ids(tokenizer, [{"role": "user", "content": q}], "You are a pirate.")
-        assert ids[:len(prefix)] == prefix

@@ -5,7 +5,6 @@ import sys
 
 import orjson
 import pytest
-
 from helpers import ROOT
 
 
@@ -75,9 +74,8 @@ def test_model_not_loadable_offline(workdir, monkeypatch, capsys):
 
 
 def test_tokenizer_without_chat_template(workdir, monkeypatch, capsys, tiny_model_dir):
-    import shutil
-
     import json
+    import shutil
 
     plain = workdir / "plain-model"
     shutil.copytree(tiny_model_dir, plain)

@@ -4,7 +4,6 @@ import json
 
 import orjson
 import pytest
-
 from helpers import script
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,8 @@
 """Faults lose nothing: kill -9 at every stage, a full disk, a 429 storm, secrets in every artifact."""
 
 import asyncio
-import io as stdio
 import errno
+import io as stdio
 import json
 import shutil
 from pathlib import Path
@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-
 from conftest import make_cfg
 from helpers import kill_when, script
+
 from promptbake import api_client, io
 from promptbake.errors import UserError
 from promptbake.io import read_jsonl

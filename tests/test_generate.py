@@ -1,7 +1,7 @@
 import orjson
 import pytest
-
 from conftest import make_cfg
+
 from promptbake.errors import UserError
 from promptbake.generate import generate, write_queries
 from promptbake.io import read_jsonl

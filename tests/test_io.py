@@ -6,8 +6,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import ROOT, env
+
 from promptbake import io
 from promptbake.errors import UserError
 from promptbake.io import JsonlAppender, read_json, read_jsonl, write_json

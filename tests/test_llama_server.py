@@ -1,6 +1,5 @@
 """The API path against a real OpenAI-compatible server: llama.cpp serving the embedded GGUF on 127.0.0.1."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import time
 import httpx
 import orjson
 import pytest
-
 from conftest import make_cfg
+
 from promptbake.errors import UserError
 from promptbake.generate import generate
 from promptbake.io import read_jsonl

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from promptbake.chat import render_prompt_ids, system_prefix_ids
+from promptbake.chat import render_prompt_ids
 from promptbake.data import Row
 from promptbake.errors import UserError
-from promptbake.forward import response_logits, shared_prefix, supports_shared_prefix
+from promptbake.forward import common_head, enable_shared_prefix, response_logits, shared_prefix
 from promptbake.model import load_model
 from promptbake.teacher import build_examples, check_alignment, teacher_cache
 
@@ -33,7 +33,7 @@ def full_forward_logits(model, examples):
 @pytest.mark.parametrize("share", [False, True])
 def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer, share):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
-    assert supports_shared_prefix(tiny)  # else share=True would silently test the plain path
+    assert enable_shared_prefix(tiny).enabled  # else share=True would silently test the plain path
     logits = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
                              tokenizer.pad_token_id, share=share)
     assert logits.shape[0] == sum(e.n_response for e in examples)
@@ -42,7 +42,9 @@ def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer
 
 def test_system_prompt_kv_reuse_matches_recompute(tiny, tokenizer):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
-    prefix = system_prefix_ids(tokenizer, SYSTEM)
+    head = common_head([e.teacher_ids for e in examples], [e.n_response for e in examples])
+    prefix = examples[0].teacher_ids[:head]
+    assert SYSTEM in tokenizer.decode(prefix)  # the system turn is what runs once
     with torch.inference_mode():
         reused = response_logits(tiny, [e.teacher_ids for e in examples], [e.n_response for e in examples],
                                  tokenizer.pad_token_id, prefix=shared_prefix(tiny, prefix))

@@ -3,9 +3,9 @@ import json
 import orjson
 import pytest
 import torch
+from conftest import make_cfg
 from safetensors.torch import load_file
 
-from conftest import make_cfg
 from promptbake import train
 from promptbake.baked import load_baked, read_bake_config
 from promptbake.errors import UserError

@@ -326,8 +326,9 @@ def main():
           f"{t['sys2000']['reuse_gflop'] / t['sys50']['reuse_gflop']:.2f} |")
     print(f"| student training: response tok/s, steps/s | {tr['response_tok_per_s']:.0f}, {tr['steps_per_s']:.3f} |")
     print(f"| padding: ours / naive batches | {tr['padding_ours']:.1%} / {tr['padding_naive']:.1%} |")
+    gen = results["generation"]
     print(f"| generation rows/s: batch 1 / batch {args.gen_batch_size} | "
-          f"{results['generation']['batch_1_rows_per_s']:.2f} / {results['generation'][f'batch_{args.gen_batch_size}_rows_per_s']:.2f} |")
+          f"{gen['batch_1_rows_per_s']:.2f} / {gen[f'batch_{args.gen_batch_size}_rows_per_s']:.2f} |")
     print(f"| cache bytes per token: in memory / on disk | {results['cache_bytes_per_token']['in_memory']:.1f} / "
           f"{results['cache_bytes_per_token']['on_disk']:.1f} |")
     print(f"| peak memory of this benchmark (GB) | {results['peak_memory_gb']:.2f} |")

@@ -92,7 +92,8 @@ class Config:
     strip_system: bool = False  # drop system messages found in paired data instead of refusing
     max_prompt_tokens: int = num(4096, 1, 1_000_000)  # a longer system prompt is refused before any work starts
     # ---- baking (bake.py)
-    targets: list[dict] = items(list)  # [{prompt_file, student_prompt, data, weight, name, marker_regex}]; [] = one from prompt_file
+    # Several targets baked at once: [{prompt_file, data, weight, name, student_prompt, marker_regex}]; [] = one from prompt_file
+    targets: list[dict] = items(list)
     top_k: int = num(20, 1, 65536)  # teacher tokens kept per position (plus one tail bucket); at most the vocabulary
     max_seq_len: int = num(512, 8, 1_000_000)  # tokens per row, prompt included; longer responses are cut and their end masked
     lora_r: int = num(16, 1, 1024)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from promptbake.data import Row
-from promptbake.forward import MIN_SHARED, common_head, shared_prefix
+from promptbake.forward import MIN_SHARED, common_head, pad_left, shared_prefix
 from promptbake.generate import answer_locally
 from promptbake.loss import full_kl
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
@@ -177,9 +177,7 @@ def bench_training(model, tokenizer, examples, teacher, k, batch, steps, repeats
             opt.zero_grad(set_to_none=True)
 
     def naive_logits(seqs):
-        width = max(map(len, seqs))
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        ids, mask = pad_left(seqs, pad, device)
         return peft_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
 
     def naive():

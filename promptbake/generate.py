@@ -7,6 +7,7 @@ import hashlib
 import random
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .chat import render_prompt_ids, stop_ids
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
 from .errors import UserError
+from .forward import pad_left
 from .io import JsonlAppender, atomic_write_bytes, read_json, sha256_text, write_json
 from .locks import run_lock
 from .seeds import SEED_QUERIES
@@ -35,10 +37,9 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: flo
     """Generates for a batch of prompt ids (left padded). Returns (response ids, complete) per prompt:
     a complete response ends with the model's own end-of-turn token; a truncated one has none."""
     device = next(model.parameters()).device
-    width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask = pad_left(prompts, pad, device)
+    width = input_ids.shape[1]
     stops = stop_ids(tokenizer, model)
     if seed is not None:
         torch.manual_seed(seed)
@@ -156,23 +157,30 @@ class Backend:
     ask_many: object
     client: ChatClient | None = None
     tokenizer: object = None  # the local tokenizer, to count the prompt's tokens exactly
+    close: object = lambda: None
 
 
 def api_backend(cfg, system: str) -> Backend:
+    """One HTTP client on one event loop for the whole stage: written queries and answers share its connections."""
     if not cfg.api_base_url:
         raise UserError("backend api needs api_base_url (in config, --api_base_url, or API_BASE_URL in .env)")
     api_model = cfg.api_model or "default"
+    loop = asyncio.new_event_loop()
     client = ChatClient(cfg.api_base_url, api_model, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
                         max_retries=cfg.max_retries)
 
     def ask_many(requests, seeds):
-        async def all_of():
-            return await asyncio.gather(*[client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests])
+        chats = [client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests]
+        return [c.content for c in loop.run_until_complete(asyncio.gather(*chats))]
 
-        return [c.content for c in asyncio.run(all_of())]
+    def close():
+        loop.run_until_complete(client.aclose())
+        loop.close()
 
-    return Backend("api", f"api:{api_model}", lambda jobs, emit: asyncio.run(_run_api(client, jobs, system, cfg, emit)),
-                   ask_many, client)
+    def run(jobs, emit):
+        loop.run_until_complete(_run_api(client, jobs, system, cfg, emit))
+
+    return Backend("api", f"api:{api_model}", run, ask_many, client, close=close)
 
 
 def local_backend(cfg, system: str, model, tokenizer) -> Backend:
@@ -271,9 +279,11 @@ def generate(cfg, model=None, tokenizer=None) -> Path:
     system = read_prompt(cfg.prompt_file)
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
     check_data_dir(cfg.data_dir)
-    with run_lock(out, "generate_data"):
+    with ExitStack() as stack:
+        stack.enter_context(run_lock(out, "generate_data"))
         name = pick_backend(cfg)
         backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer)
+        stack.callback(backend.close)
         check_prompt_length(cfg, system, backend.tokenizer)
         print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api"
                                     else " (the base model, with the prompt)"))
@@ -350,4 +360,3 @@ async def _run_api(client, jobs, system, cfg, emit):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()

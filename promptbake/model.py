@@ -110,6 +110,9 @@ def load_model(path: str, device: str = "cpu", trust_remote_code: bool = False):
 
 
 def _load_error(path: str, e: Exception) -> UserError:
+    if "custom code" in str(e) or "trust_remote_code" in str(e):
+        return UserError(f"{path}: the model ships its own Python code, which is not run by default; if you trust "
+                         f"its source, pass --trust_remote_code")
     if os.path.isdir(path):
         return UserError(f"{path}: not a loadable model folder ({str(e).splitlines()[0]})")
     return UserError(

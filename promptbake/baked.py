@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from . import model as models
 from .errors import UserError
@@ -61,8 +62,9 @@ def load_baked(path: str | Path, model_name_or_path: str | None = None, device: 
         raise UserError(f"{path} was baked on a base model with another architecture than {base_path}")
     try:
         model = PeftModel.from_pretrained(base, str(path))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: the adapter does not load onto {base_path} ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise UserError(f"{path}: the adapter does not load onto {base_path} ({(str(e).splitlines() or [''])[0]}); "
+                        f"bake it again, or use another step-N folder") from None
     model.eval()
     if strength != 1.0:
         set_strength(model, strength)

@@ -65,8 +65,6 @@ def texts_of(tokenizer, sampled) -> list[str]:
 def eval_contexts(path: Path, queries: str | None, target: str) -> tuple[list[list[dict]], str]:
     """The queries to evaluate one target on: --queries, else the run's held-out queries of that target."""
     if queries:
-        if not Path(queries).is_file():
-            raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
         return [r.context for r in load_prompts(queries)], queries
     held = path.parent / HELD_OUT
     if not held.exists():
@@ -167,6 +165,8 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
              steps: bool = False, samples: int = 3, target: str | None = None) -> dict:
     """Writes eval.json (eval_<queries>.json for other queries, and half_baking.png for a sweep) into the
     checkpoint folder; returns the results. With several targets, each gets its own row (or pick one with `target`)."""
+    if queries and not Path(queries).is_file():
+        raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
     model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
     print(f"evaluating {path}")

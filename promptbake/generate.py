@@ -170,8 +170,10 @@ def api_backend(cfg, system: str) -> Backend:
                         max_retries=cfg.max_retries)
 
     def ask_many(requests, seeds):
-        chats = [client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests]
-        return [c.content for c in loop.run_until_complete(asyncio.gather(*chats))]
+        async def all_of():
+            return await asyncio.gather(*[client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests])
+
+        return [c.content for c in loop.run_until_complete(all_of())]
 
     def close():
         loop.run_until_complete(client.aclose())

@@ -30,7 +30,7 @@ from .config import Config, to_dict
 from .data import load_rows, read_prompt
 from .errors import UserError
 from .forward import backbone_and_head, response_hidden
-from .generate import decode_response, generate, generate_ids
+from .generate import check_data_dir, decode_response, generate, generate_ids
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .locks import run_lock
 from .loss import head_topk_kl_with_tail
@@ -142,6 +142,7 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
 
 def check_inputs(cfg, tokenizer) -> list[dict]:
     """Every input a bake reads, checked before anything on disk is touched."""
+    check_data_dir(cfg.data_dir)
     if cfg.top_k > len(tokenizer):
         raise UserError(f"`top_k` is {cfg.top_k}, over the vocabulary of {len(tokenizer)} tokens; lower --top_k")
     specs = target_specs(cfg)

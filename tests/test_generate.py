@@ -69,3 +69,28 @@ def test_api_backend_needs_a_url(workdir, monkeypatch):
     monkeypatch.delenv("API_BASE_URL", raising=False)
     with pytest.raises(UserError, match="backend api needs api_base_url"):
         generate(make_cfg(backend="api"))
+
+
+def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch):
+    """The old formula (seed*1000 + index*7 + temperature*100) gave sample 10 at T=0.7 and sample 0 at T=1.4
+    the same seed, so those rows came out identical."""
+    import importlib
+
+    from promptbake.data import Row
+
+    gen = importlib.import_module("promptbake.generate")  # the module: the package exports the function by that name
+
+    seeds = {}
+
+    def fake_generate_ids(model, tokenizer, prompts, *, temperature, max_new_tokens, top_p=1.0, seed=None):
+        seeds.setdefault((temperature, len(seeds)), seed)
+        return [([1], True) for _ in prompts]
+
+    monkeypatch.setattr(gen, "generate_ids", fake_generate_ids)
+    monkeypatch.setattr(gen, "render_prompt_ids", lambda tok, ctx, system: [0])
+    monkeypatch.setattr(gen, "decode_response", lambda tok, ids: "x")
+    rows = [Row(1, [{"role": "user", "content": "q"}])]
+    jobs = [(rows[0], i, t) for t in (0.7, 1.4) for i in range(12)]
+    cfg = make_cfg(max_new_tokens=4, gen_batch_size=8)
+    gen._run_local(None, None, jobs, "sys", cfg, lambda *a, **k: None)
+    assert len(seeds) == 24 and len(set(seeds.values())) == 24

@@ -107,18 +107,52 @@ def test_nan_loss_stops_and_names_the_step(workdir, tiny_model_dir, monkeypatch)
     assert not (workdir / "checkpoints" / "default" / "final").exists()
 
 
-def test_two_targets_mixed_by_weight(workdir, tiny_model_dir):
-    write_data(workdir / "data" / "pirate.jsonl")
+def test_two_targets_train_by_weight_and_each_gets_its_own_held_out(workdir, tiny_model_dir, monkeypatch):
+    qa = [(f"{q} ({i})", a) for i in range(4) for q, a in QA]  # 48 distinct queries a target
+    write_data(workdir / "data" / "pirate.jsonl", qa)
     (workdir / "french.md").write_text("Always answer in French.")
-    write_data(workdir / "data" / "french.jsonl", [(q, "Bonjour! " + q) for q, _ in QA])
-    cfg = cfg_for(tiny_model_dir, targets=[{"prompt_file": "prompt.md", "data": "data/pirate.jsonl", "weight": 3},
-                                           {"prompt_file": "french.md", "data": "data/french.jsonl", "weight": 1,
-                                            "student_prompt": "fr"}])
+    write_data(workdir / "data" / "french.jsonl", [(q, "Bonjour! " + q) for q, _ in qa])
+    trained = []
+    real = train.batch_loss
+
+    def spy(model, target, rows, pad_id):
+        if torch.is_grad_enabled():
+            trained.append(target.name)
+        return real(model, target, rows, pad_id)
+
+    monkeypatch.setattr(train, "batch_loss", spy)
+    cfg = cfg_for(tiny_model_dir, batch_size=2, max_batch_tokens=0,
+                  targets=[{"prompt_file": "prompt.md", "data": "data/pirate.jsonl", "weight": 3},
+                           {"prompt_file": "french.md", "data": "data/french.jsonl", "weight": 1, "student_prompt": "fr"}])
     final = train.bake(cfg)
     info = read_bake_config(final)
     assert [t["name"] for t in info["targets"]] == ["pirate", "french"]
-    assert info["targets"][1]["student_prompt"] == "fr"
-    assert info["targets"][0]["weight"] == 3 and info["targets"][1]["system_prompt"] == "Always answer in French."
+    assert info["targets"][1]["student_prompt"] == "fr" and info["targets"][0]["weight"] == 3
+    share = trained.count("pirate") / len(trained)
+    assert len(trained) >= 70 and 0.62 < share < 0.88, (len(trained), share)  # 3:1 by weight, not 1:1 by size
+    held = [r for _, r in read_jsonl(final.parent / "held_out.jsonl")]
+    by_target = {t: [r["messages"][0]["content"] for r in held if r["target"] == t] for t in ("pirate", "french")}
+    assert len(by_target["pirate"]) == info["targets"][0]["held_out_rows"] > 0
+    assert len(by_target["french"]) == info["targets"][1]["held_out_rows"] > 0
+
+
+def test_steps_per_epoch_train_every_micro_batch(workdir, tiny_model_dir):
+    """9 train rows in batches of 4 are 3 micro-batches; with grad_accum 2 that is 2 steps, not 1 (the last one
+    used to be dropped)."""
+    write_data(workdir / "data" / "default.jsonl")
+    final = train.bake(cfg_for(tiny_model_dir, grad_accum=2, num_epochs=1))
+    assert [r["step"] for r in metrics(final.parent) if "train/kl" in r] == [1, 2]
+
+
+def test_rng_state_includes_cuda_generators_when_present(monkeypatch):
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["cuda-state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: calls.setdefault("set", s))
+    state = train.rng_state()
+    assert state["cuda"] == ["cuda-state"]
+    train.set_rng_state(state)
+    assert calls["set"] == ["cuda-state"]
 
 
 def test_epoch_plan_draws_targets_by_weight():

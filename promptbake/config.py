@@ -287,15 +287,16 @@ def apply_env_defaults(cfg: Config, environ=None) -> dict[str, str]:
     return sources
 
 
-def load_env() -> dict[str, str]:
-    """Loads .env (never overriding the environment); returns {VAR: '.env'} for the variables it set."""
-    from dotenv import dotenv_values, load_dotenv
+def load_env(path: str = ".env") -> dict[str, str]:
+    """Loads .env from the working folder into the environment, never overriding a variable that is set (an empty
+    one counts as unset); returns {VAR: '.env'} for the variables it supplied."""
+    from dotenv import dotenv_values
 
-    path = os.path.join(os.getcwd(), ".env")
-    before = set(os.environ)
-    if os.path.isfile(path):
-        load_dotenv(path, override=False)
-    return {k: ".env" for k in dotenv_values(path) if k not in before} if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    supplied = {k: v for k, v in dotenv_values(path).items() if v is not None and not os.environ.get(k)}
+    os.environ.update(supplied)
+    return dict.fromkeys(supplied, ".env")
 
 
 # ---------------------------------------------------------------- command line

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def env(**extra):
     e = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
     e.update(extra)
-    return e
+    return {k: v for k, v in e.items() if v is not None}  # None: the variable is unset for the script
 
 
 def script(name, *args, cwd, timeout=600, check=True, input=None, **extra_env):

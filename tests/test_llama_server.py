@@ -132,3 +132,23 @@ def test_api_goes_down_mid_run_then_back(workdir, server, tmp_path):
     rows = rows_of(data)
     assert len(rows) == 30 and len({r["messages"][0]["content"] for r in rows}) == 30
     assert rows[:len(written)] == written  # nothing written before was lost or rewritten
+
+
+def test_readme_env_path_sends_the_requests_to_the_server(workdir, server):
+    """README: copy .env.example to .env, set API_BASE_URL, run `python generate_data.py` with no flag. The real
+    server must answer every row (before the fix, the local model silently did)."""
+    from helpers import script
+
+    (workdir / ".env").write_text(f"API_BASE_URL={server}\nAPI_MODEL=smol\nOPENAI_API_KEY={SENTINEL}\n")
+    p = script("generate_data.py", "--num_queries", "3", "--temperatures", "0.7", "--max_new_tokens", "16",
+               "--generate_queries", "3", cwd=workdir, API_BASE_URL=None, API_MODEL=None)
+    assert f"api_base_url: {server} <- $API_BASE_URL (from .env)" in p.stdout
+    assert "backend: api" in p.stdout
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["settings"]["backend"] == "api" and meta["settings"]["model"] == "api:smol"
+    assert meta["api"]["requests"] >= 3 and meta["status"] == "complete"
+    assert len(rows_of(workdir / "data" / "default.jsonl")) == 3
+    assert len((workdir / "data" / "default.queries.txt").read_text().splitlines()) == 3  # written by the server too
+    for f in (workdir / "data").glob("*"):
+        if f.is_file():
+            assert SENTINEL not in f.read_text(errors="replace")

@@ -77,8 +77,8 @@ def test_env_file_fills_the_api_settings_and_says_where_from(tmp_path, monkeypat
     """The README's path: .env in the working folder, no flag. Before the fix the URL was ignored."""
     from promptbake.generate import pick_backend
 
-    monkeypatch.delenv("API_BASE_URL", raising=False)
-    monkeypatch.delenv("API_MODEL", raising=False)
+    monkeypatch.setenv("API_BASE_URL", "")  # empty counts as unset; monkeypatch restores what .env sets
+    monkeypatch.setenv("API_MODEL", "")
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("API_BASE_URL=http://user:pw@127.0.0.1:9/v1\nAPI_MODEL=served\n")
     cfg, _ = parse_args([])

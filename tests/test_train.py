@@ -250,3 +250,34 @@ def test_micro_batches_in_pieces_train_the_same_weights(workdir, tiny_model_dir)
     assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k)
     for k in whole:
         torch.testing.assert_close(split[k], whole[k], atol=1e-4, rtol=1e-3)  # fp32 sums, amplified by Adam
+
+
+def test_each_target_gets_its_own_evaluation_and_demo(workdir, tiny_model_dir, monkeypatch):
+    import importlib
+
+    from promptbake.evaluate import evaluate
+
+    demo = importlib.import_module("promptbake.demo")
+    write_data(workdir / "data" / "pirate.jsonl")
+    (workdir / "french.md").write_text("Always answer in French.")
+    write_data(workdir / "data" / "french.jsonl", [(q, "Bonjour! " + q) for q, _ in QA])
+    cfg = cfg_for(tiny_model_dir, num_epochs=1, eval_max_new_tokens=4,
+                  targets=[{"prompt_file": "prompt.md", "data": "data/pirate.jsonl"},
+                           {"prompt_file": "french.md", "data": "data/french.jsonl", "marker_regex": "bonjour"}])
+    final = train.bake(cfg)
+    both = evaluate(cfg, str(final), samples=1)
+    assert set(both["targets"]) == {"pirate", "french"}
+    assert both["targets"]["french"]["marker_regex"] == "bonjour" and both["targets"]["pirate"]["kl_before"] > 0
+    french_queries = {r["messages"][0]["content"] for _, r in read_jsonl(final.parent / "held_out.jsonl")
+                      if r["target"] == "french"}
+    assert {e["user"] for e in both["targets"]["french"]["examples"]} <= french_queries
+    one = evaluate(cfg, str(final), samples=1, target="french")
+    assert one["target"] == "french" and "targets" not in one
+    with pytest.raises(UserError, match="--target 'german'"):
+        evaluate(cfg, str(final), samples=1, target="german")
+
+    systems = []
+    monkeypatch.setattr(demo, "stream_answer", lambda m, t, msgs, system, *a, **k: systems.append(system) or "")
+    model, tok, info, _ = demo.load_for_demo(cfg, str(final), 1.0)
+    demo.compare(model, tok, info, "hi", cfg, 0.0, target="french")
+    assert systems[1] == "Always answer in French."

@@ -206,6 +206,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         raise UserError(f"{path}: file not found") from None
     except OSError as e:
         raise _failed("read", path, e) from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors save
     torn = torn_tail(data)
     if torn:
         _note_torn(path, torn, "ignoring")

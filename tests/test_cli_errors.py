@@ -99,3 +99,15 @@ def test_checkpoint_that_is_not_an_adapter(workdir, monkeypatch, capsys):
 def test_no_checkpoint_yet(workdir, monkeypatch, capsys):
     line = run_script("evaluate.py", monkeypatch=monkeypatch, capsys=capsys)
     assert "no baked checkpoint under checkpoints/; run `python bake.py` first" in line
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("demo.py", ["--strength", "nan", "hi"], "`--strength` is nan; it must be in [0, 10]"),
+    ("evaluate.py", ["--strengths", "0,inf"], "`--strengths` is inf; it must be in [0, 10]"),
+    ("bake.py", ["--num_epochs", "0"], "`num_epochs` is 0; it must be in [1, 10000]"),
+    ("generate_data.py", ["--name", "../../elsewhere"], "`name` is '../../elsewhere'; use 1-64 letters"),
+    ("generate_data.py", ["--concurrency", "0"], "`concurrency` is 0; it must be in [1, 1024]"),
+])
+def test_bad_values_stop_in_one_line(workdir, monkeypatch, capsys, script, args, expect):
+    line = run_script(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert expect in line

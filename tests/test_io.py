@@ -236,3 +236,11 @@ def test_released_on_exception_and_nested_in_one_process(tmp_path):
     while lock_path(target).read_text() and time.time() < deadline:  # the holder's PID is cleared on release
         time.sleep(0.05)
     assert lock_path(target).read_text() == ""
+
+
+def test_jsonl_with_a_bom_and_crlf_reads(tmp_path):
+    from promptbake.io import read_jsonl
+
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')
+    assert [r for _, r in read_jsonl(f)] == [{"a": 1}, {"a": 2}]

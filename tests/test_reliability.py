@@ -100,12 +100,14 @@ def interrupted_run(workdir, tiny_model_dir, **kw):
 
 
 def test_resume_logs_each_step_once(workdir, tiny_model_dir):
-    cfg, run = interrupted_run(workdir, tiny_model_dir)
+    cfg, run = interrupted_run(workdir, tiny_model_dir, wandb_mode="offline")
     cfg.resume = True
     train.bake(cfg)
     steps = [r["step"] for r in metrics(run) if "train/kl" in r]
     assert steps == list(range(1, 10))  # each step once: the interrupted run's 4..9 were cut before resuming
     assert sum("eval/kl_full_before" in r for r in metrics(run)) == 1
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # the same W&B run, continued
 
 
 def test_resume_refuses_changed_settings_that_change_the_math(workdir, tiny_model_dir):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from promptbake.data import Row
-from promptbake.forward import MIN_SHARED, common_head, pad_left, shared_prefix
+from promptbake.forward import MIN_SHARED, common_prefix_len, pad_left, shared_prefix
 from promptbake.generate import answer_locally
 from promptbake.loss import full_kl
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
@@ -102,10 +102,10 @@ def forward_flops(shape, seq_len: int, n_logits: int, context: int = 0) -> float
 
 
 def batch_flops(shape, examples) -> float:
-    """Forward + backward through activations of one student micro-batch as it is run: the common head
+    """Forward + backward through activations of one student micro-batch as it is run: the common prefix
     once, then every row's own tokens attending to it."""
     seqs, n = [e.student_ids for e in examples], [e.n_response for e in examples]
-    head = common_head(seqs, n) if len(seqs) > 1 else 0
+    head = common_prefix_len(seqs, n) if len(seqs) > 1 else 0
     head = head if head >= MIN_SHARED else 0
     return 2 * (forward_flops(shape, head, 0) + sum(forward_flops(shape, len(s) - head, k, head) for s, k in zip(seqs, n)))
 
@@ -121,7 +121,7 @@ def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
         system = system_prompt(tokenizer, n_sys)
         examples, _ = build_examples(rows, tokenizer, system, "", 4096, True, "bench")
         n_tok = sum(e.n_response for e in examples)
-        prefix = examples[0].teacher_ids[:common_head([e.teacher_ids for e in examples], [e.n_response for e in examples])]
+        prefix = examples[0].teacher_ids[:common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples])]
 
         def with_reuse():
             teacher_topk_rows(model, examples, shared_prefix(model, prefix), k, batch, tokenizer.pad_token_id,

@@ -202,6 +202,8 @@ def _check_targets(targets: list[dict], where: str) -> None:
             raise ConfigError(f"{where}: `targets[{i}].weight` is {_show(t['weight'])}; it must be in {TARGET_WEIGHT}")
         if "name" in t:
             check_name(t["name"], f"{where}: `targets[{i}].name`")
+        if "marker_regex" in t:
+            _check_regex(t["marker_regex"], f"{where}: `targets[{i}].marker_regex`")
 
 
 def check_name(name: str, what: str = "`name`") -> None:
@@ -229,11 +231,15 @@ def validate(cfg: Config, where: str = "config") -> Config:
     if not cfg.temperatures:
         raise ConfigError(f"{where}: `temperatures` is empty; give at least one, e.g. --temperatures 0.7")
     _check_targets(cfg.targets, where)
-    try:
-        re.compile(cfg.marker_regex)
-    except re.error as e:
-        raise ConfigError(f"{where}: `marker_regex` is not a valid regular expression ({e})") from None
+    _check_regex(cfg.marker_regex, f"{where}: `marker_regex`")
     return cfg
+
+
+def _check_regex(regex: str, what: str) -> None:
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise ConfigError(f"{what} is not a valid regular expression ({e})") from None
 
 
 def _unknown(key: str, where: str) -> ConfigError:

@@ -226,7 +226,7 @@ def _torn_last_line(data: bytes, items: list[tuple[int, object]]) -> int | None:
     return None if items and items[-1][0] == last else last
 
 
-def load_rows(path: str, strip_system: bool = False, need_responses: bool = False) -> Rows:
+def load_rows(path: str, strip_system: bool = False) -> Rows:
     """Reads chat rows from JSONL (one row a line) or a JSON list. Returns Rows: a list of Row whose
     `skipped` lists the rows left out (empty answers, a cut-off last line), each also printed here."""
     p = Path(path)
@@ -248,11 +248,6 @@ def load_rows(path: str, strip_system: bool = False, need_responses: bool = Fals
     if not rows:
         raise UserError(f"{path}: no rows" + (f" left ({len(rows.skipped)} skipped)" if rows.skipped else "")
                         + "; generate data first (python generate_data.py)")
-    if need_responses:
-        for r in rows:
-            if r.response is None:
-                raise UserError(f"{path}:{r.line}: the row has no assistant turn; paired data needs one in every "
-                                "row (or give prompts only, and the teacher answers them)")
     return rows
 
 

@@ -155,8 +155,8 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
         "adherence": {"base": rate(base_texts), "prompted": rate(prompted_texts), "baked": rate(baked_texts)},
         "markers": cfg.markers, "marker_regex": regex, "samples_per_query": samples,
         "adherence_answers": len(baked_texts),
-        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": k}
-                     for (c, _, _), b, p, k in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
+        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": baked}
+                     for (c, _, _), b, p, baked in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
     }
     return result, examples, rate
 

@@ -7,7 +7,7 @@ lm_head runs only on the response tokens themselves (no padding, no prompt posit
 Tokens that open every row of a batch (the system turn, the template's default system line) are run
 once as a batch-of-one prefix, and the rows attend to its keys and values (`SharedPrefix`). For the
 teacher that is the system prompt, once for the whole cache; for the student it is the batch's common
-head, recomputed each step with gradients. `enable_shared_prefix` checks the result against a plain
+prefix, recomputed each step with gradients. `enable_shared_prefix` checks the result against a plain
 forward on the model at hand, in its dtype, falls back to full rows where it differs, and says which.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION = "sdpa_shared_prefix"
-MIN_SHARED = 4  # shorter common heads are not worth a second pass
+MIN_SHARED = 4  # shorter common prefixes are not worth a second pass
 
 
 def backbone_and_head(model):
@@ -154,13 +154,13 @@ def _decide(model) -> PrefixDecision:
 
 
 def _probe(model) -> tuple[float, float]:
-    """Max |shared - plain| over the logits of random rows with a common head, and the tolerance: the
+    """Max |shared - plain| over the logits of random rows with a common prefix, and the tolerance: the
     dtype's own rounding noise, measured as how far plain rows move when batched and padded instead of
     run alone (at least one ulp of the largest logit). Run in eval mode: dropout would be noise too."""
     vocab = backbone_and_head(model)[1].weight.shape[0]
     g = torch.Generator().manual_seed(0)
-    head = torch.randint(0, vocab, (6,), generator=g).tolist()
-    seqs = [head + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9, 5)]
+    common = torch.randint(0, vocab, (6,), generator=g).tolist()
+    seqs = [common + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9, 5)]
     n_response = [3] * len(seqs)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -168,7 +168,7 @@ def _probe(model) -> tuple[float, float]:
         with torch.inference_mode():
             plain = _logits(model, seqs, n_response, None).float()
             alone = torch.cat([_logits(model, [s], [k], None) for s, k in zip(seqs, n_response)]).float()
-            shared = _logits(model, seqs, n_response, shared_prefix(model, head)).float()
+            shared = _logits(model, seqs, n_response, shared_prefix(model, common)).float()
     finally:
         for m, training in modes:
             m.training = training
@@ -182,13 +182,13 @@ def _dtype(model) -> torch.dtype:
 
 
 def shared_prefix(model, ids: list[int]) -> SharedPrefix:
-    """Keys and values of `ids` run once (with gradients when grad mode is on: the student's head)."""
+    """Keys and values of `ids` run once (with gradients when grad mode is on: the student's common prefix)."""
     backbone, head = backbone_and_head(model)
     out = backbone(input_ids=torch.tensor([ids], device=head.weight.device), use_cache=True)
     return SharedPrefix(ids, [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers])
 
 
-def common_head(seqs: list[list[int]], n_response: list[int]) -> int:
+def common_prefix_len(seqs: list[list[int]], n_response: list[int]) -> int:
     """Length of the tokens that open every row and stop before the first position whose logits are needed."""
     limit = min(len(s) - n - 1 for s, n in zip(seqs, n_response))
     first = seqs[0]
@@ -205,11 +205,11 @@ def response_hidden(model, seqs: list[list[int]], n_response: list[int], pad_id:
     tokens, rows concatenated in order.
 
     `prefix`: the KV of tokens every row starts with (the teacher's system turn), computed once; without
-    it and with `share`, the batch's common head is run once for all rows. Both only where
+    it and with `share`, the batch's common prefix is run once for all rows. Both only where
     `enable_shared_prefix` switched the model on; else full rows."""
-    head_len = common_head(seqs, n_response) if prefix is None and share and len(seqs) > 1 else 0
-    if head_len >= MIN_SHARED and enable_shared_prefix(model).enabled:
-        prefix = shared_prefix(model, seqs[0][:head_len])
+    prefix_len = common_prefix_len(seqs, n_response) if prefix is None and share and len(seqs) > 1 else 0
+    if prefix_len >= MIN_SHARED and enable_shared_prefix(model).enabled:
+        prefix = shared_prefix(model, seqs[0][:prefix_len])
     if prefix is not None and not enable_shared_prefix(model).enabled:
         prefix = None
     return _hidden(model, seqs, n_response, pad_id, prefix)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .chat import render_prompt_ids, response_ids_from_text
 from .errors import UserError
-from .forward import SharedPrefix, common_head, enable_shared_prefix, response_logits, shared_prefix
+from .forward import SharedPrefix, common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
@@ -173,10 +173,10 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
             print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
         # The head every row opens with (system turn and template), over all rows so a resumed shard
         # is computed exactly as in a build from scratch.
-        head_len = common_head([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
+        prefix_len = common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
             if enable_shared_prefix(model).enabled else 0
         with torch.inference_mode():
-            prefix = shared_prefix(model, examples[0].teacher_ids[:head_len]) if head_len else None
+            prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
         t0 = time.time()
         n_tokens = sum(e.n_response for _, ex in missing for e in ex)
         bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
@@ -186,7 +186,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         bar.close()
         dt = time.time() - t0
         print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | "
-              f"shared head of {head_len} tokens computed once")
+              f"shared prefix of {prefix_len} tokens computed once")
     parts = [loaded[s] for s, _ in shards]
     offsets = [torch.zeros(1, dtype=torch.long)]
     total = 0

@@ -4,7 +4,7 @@ import torch
 from promptbake.chat import render_prompt_ids
 from promptbake.data import Row
 from promptbake.errors import UserError
-from promptbake.forward import common_head, enable_shared_prefix, response_logits, shared_prefix
+from promptbake.forward import common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
 from promptbake.model import load_model
 from promptbake.teacher import build_examples, check_alignment, teacher_cache
 
@@ -42,7 +42,7 @@ def test_left_padded_response_logits_equal_unpadded_full_forward(tiny, tokenizer
 
 def test_system_prompt_kv_reuse_matches_recompute(tiny, tokenizer):
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
-    head = common_head([e.teacher_ids for e in examples], [e.n_response for e in examples])
+    head = common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples])
     prefix = examples[0].teacher_ids[:head]
     assert SYSTEM in tokenizer.decode(prefix)  # the system turn is what runs once
     with torch.inference_mode():
@@ -52,7 +52,7 @@ def test_system_prompt_kv_reuse_matches_recompute(tiny, tokenizer):
 
 
 def test_gradients_through_the_shared_head_equal_full_rows(tiny_model_dir, tokenizer):
-    """The student runs its batch's common head once; the gradient must be the one of full rows
+    """The student runs its batch's common prefix once; the gradient must be the one of full rows
     (padded query rows included: they must not turn it into NaN)."""
     examples, _ = build_examples(rows(), tokenizer, SYSTEM, "", 512, False, "t")
     seqs, n = [e.student_ids for e in examples], [e.n_response for e in examples]

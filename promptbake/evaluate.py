@@ -16,6 +16,7 @@ from .errors import UserError
 from .generate import decode_response, derive_seed, generate_ids
 from .io import read_jsonl, write_json
 from .metrics import kl_and_agreement, marker_rate
+from .retention import retention
 from .teacher import build_examples
 from .tracking import open_wandb
 from .train import HELD_OUT
@@ -185,6 +186,9 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
         print_table(result)
     first = next(iter(per_target.values()))
     result = dict(first) if len(per_target) == 1 else {"targets": per_target}
+    result["retention"] = kept = retention(model, tokenizer, cfg.max_seq_len)
+    print(f"retention ({kept['questions']} arithmetic and factual questions, greedy, no prompt): accuracy base "
+          f"{kept['accuracy_base']:.2f} | baked {kept['accuracy_baked']:.2f} | KL(base || baked) {kept['kl_base_to_baked']:.4f}")
     result.update({"checkpoint": str(path), "seconds": round(time.time() - t0, 1), "config": to_dict(cfg)})
     log_wandb(cfg, path, result)
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
@@ -203,6 +207,7 @@ def log_wandb(cfg, path: Path, result: dict) -> None:
         flat.update({f"{group}adherence_{who}": a["marker_rate"] for who, a in r["adherence"].items()
                      if a["marker_rate"] is not None})
         run.log(flat)
+        run.log({f"retention/{k}": v for k, v in result["retention"].items() if isinstance(v, (int, float))})
         for p in r.get("sweep", []):
             run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
                      "half_baking/adherence": p["marker_rate"] or 0.0})

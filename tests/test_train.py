@@ -230,6 +230,21 @@ def test_evaluate_writes_documented_fields_and_sweep(workdir, tiny_model_dir):
     assert saved["sweep"][1]["kl"] == pytest.approx(result["kl_after"], rel=1e-5)
     assert (final / "half_baking.png").exists()
     assert 0.0 <= saved["adherence"]["baked"]["marker_rate"] <= 1.0
+    assert {"accuracy_base", "accuracy_baked", "kl_base_to_baked"} <= set(saved["retention"])
+
+
+def test_retention_is_exact_at_strength_zero_and_moves_when_baked(workdir, tiny_model_dir):
+    from promptbake.baked import set_strength
+    from promptbake.retention import QUESTIONS, accuracy, retention
+
+    write_data(workdir / "data" / "default.jsonl")
+    model, tok, _ = load_baked(train.bake(cfg_for(tiny_model_dir, num_epochs=2)))
+    set_strength(model, 0.0)
+    same = retention(model, tok, 512)
+    assert same["kl_base_to_baked"] == pytest.approx(0.0, abs=1e-6) and same["accuracy_base"] == same["accuracy_baked"]
+    set_strength(model, 1.0)
+    assert retention(model, tok, 512)["kl_base_to_baked"] > 1e-4
+    assert accuracy([f"It is {a}" for a in ["5", "42"]] + [""] * (len(QUESTIONS) - 2)) == pytest.approx(2 / len(QUESTIONS))
 
 
 def test_token_pieces_respect_the_budget():

@@ -373,6 +373,9 @@ def bake(cfg) -> Path:
             logger.log(step, {"eval/kl": kl})
             print(f"epoch {epoch + 1}/{cfg.num_epochs} | eval/kl {kl:.4f} (top-{cfg.top_k} + tail, held-out)")
 
+    # ---- on-policy stage (promptbake/onpolicy.py), off unless cfg.onpolicy_steps > 0
+    from .onpolicy import onpolicy_stage
+    timings.update(onpolicy_stage(model, tokenizer, targets, cfg, logger.log, step, max_batch_tokens))
     model.eval()
     final = run_dir / "final"
     t_phase = time.time()

@@ -245,3 +245,16 @@ def _hidden(model, seqs: list[list[int]], n_response: list[int], pad_id: int,
     rows = torch.cat([torch.arange(width - n - 1, width - 1, device=device) + j * width
                       for j, n in enumerate(n_response)])
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+
+
+def token_pieces(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Splits a micro-batch (in order) into pieces of at most max_tokens padded tokens, one row at least."""
+    pieces, width = [[]], 0
+    for r in rows:
+        w = max(width, lengths[r])
+        if pieces[-1] and max_tokens > 0 and w * (len(pieces[-1]) + 1) > max_tokens:
+            pieces.append([])
+            w = lengths[r]
+        pieces[-1].append(r)
+        width = w
+    return pieces

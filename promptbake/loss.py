@@ -121,3 +121,81 @@ def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(ids, logprobs) of the K most likely tokens, from a float32 log_softmax."""
     logprobs, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
     return ids, logprobs
+
+
+# ---------------------------------------------------------------- on-policy: divergences of coarsened distributions
+def coarse_log_probs(log_at_k: torch.Tensor) -> torch.Tensor:
+    """[..., K] log-probabilities at K ids -> [..., K+1]: the same plus the tail bucket log(1 − Σ exp), so the
+    K+1 outcomes form a distribution (the full one coarsened to {each of the K ids, anything else})."""
+    return torch.cat([log_at_k, log1mexp(torch.logsumexp(log_at_k, dim=-1, keepdim=True))], dim=-1)
+
+
+def _kl_of_logs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def coarse_divergence_per_token(log_q: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Generalised JSD between the teacher P and the student Q, both coarsened to the teacher's top-K ids plus one
+    tail bucket, per position. log_q: the student's log-probs at those ids, teacher_logprobs: the teacher's, [..., K].
+
+    beta = 1: reverse KL(Q || P), the on-policy distillation loss (mode-seeking: it never asks the student to
+    cover teacher tokens it does not produce). beta = 0: forward KL(P || Q), as `topk_tail_kl_per_token`.
+    Between: beta KL(P || M) + (1 − beta) KL(Q || M) with M = beta P + (1 − beta) Q (TRL GKD's convention).
+    Exact for the coarsened distributions: ≥ 0, 0 iff they match, and ≤ the full-vocabulary divergence."""
+    wide = torch.promote_types(log_q.dtype, torch.float32)  # float32, or float64 when given (gradcheck)
+    log_p = coarse_log_probs(teacher_logprobs.to(wide))
+    log_q = coarse_log_probs(log_q.to(wide))
+    if beta >= 1:
+        return _kl_of_logs(log_q, log_p)
+    if beta <= 0:
+        return _kl_of_logs(log_p, log_q)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+    return beta * _kl_of_logs(log_p, log_m) + (1 - beta) * _kl_of_logs(log_q, log_m)
+
+
+def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    mask: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Mean over valid positions of coarse_divergence_per_token, from the student's raw logits [..., V]."""
+    per_token = coarse_divergence_per_token(log_probs_at(student_logits, teacher_ids), teacher_logprobs, beta)
+    mask = mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class _HeadDivergence(torch.autograd.Function):
+    """_HeadKL for coarse_divergence_per_token at any beta: the sum over positions, [N, V] logits made and
+    dropped CHUNK positions at a time, the gradient wrt `hidden` computed in the forward (the head is frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk, beta):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for c in range(0, len(hidden), chunk):
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(hidden[c:c + chunk], weight, bias).float().requires_grad_()
+                log_q = log_probs_at(logits, ids[c:c + chunk])
+                loss = coarse_divergence_per_token(log_q, logprobs[c:c + chunk], beta).sum()
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach()
+            grad_hidden[c:c + chunk] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
+
+
+def head_topk_divergence(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
+                         teacher_logprobs: torch.Tensor, beta: float = 1.0, chunk: int = 128) -> torch.Tensor:
+    """topk_divergence(head(hidden), ...) averaged over all N positions (hidden [N, d]), never holding the
+    [N, V] logits or their gradient (see head_topk_kl_with_tail)."""
+    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
+        return topk_divergence(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)), beta)
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        total = _HeadDivergence.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, beta)
+    else:
+        total = sum(coarse_divergence_per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
+                                                teacher_logprobs[c:c + chunk], beta).sum()
+                    for c in range(0, len(hidden), chunk))
+    return total / max(len(hidden), 1)

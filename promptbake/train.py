@@ -29,12 +29,13 @@ from .chat import render_prompt_ids
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
 from .errors import UserError
-from .forward import backbone_and_head, response_hidden
+from .forward import backbone_and_head, response_hidden, token_pieces
 from .generate import check_data_dir, decode_response, generate, generate_ids
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .locks import run_lock
 from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
+from .onpolicy import onpolicy_stage
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
@@ -164,19 +165,6 @@ def length_batches(indices: list[int], lengths: list[int], batch_size: int, rng:
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def token_pieces(rows: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Splits a micro-batch (in order) into pieces of at most max_tokens padded tokens, one row at least."""
-    pieces, width = [[]], 0
-    for r in rows:
-        w = max(width, lengths[r])
-        if pieces[-1] and max_tokens > 0 and w * (len(pieces[-1]) + 1) > max_tokens:
-            pieces.append([])
-            w = lengths[r]
-        pieces[-1].append(r)
-        width = w
-    return pieces
 
 
 def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
@@ -497,6 +485,8 @@ def bake(cfg) -> Path:
             run_epoch(tr, epoch)
             tr.timings[f"epoch_{epoch + 1}_s"] = time.time() - t0
             evaluate_epoch(tr, epoch)
+        tr.timings.update(onpolicy_stage(tr.model, tr.tokenizer, tr.targets, cfg, tr.logger.log, tr.step,
+                                         tr.max_batch_tokens))
         final = finish(tr)
         tr.timings["total_s"] = time.time() - t_start
         write_json(run_dir / "timings.json", tr.timings)

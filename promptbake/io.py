@@ -105,15 +105,19 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
-def read_json(path: str | Path):
-    path = Path(path)
-    fix = "restore it, or delete it and rerun the step that wrote it"
+def read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except OSError as e:
         raise _failed("read", path, e) from None
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    fix = "restore it, or delete it and rerun the step that wrote it"
+    data = read_bytes(path)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -200,13 +204,7 @@ def _note_torn(path: Path, n: int, action: str) -> None:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """Returns (line number, row) pairs. A torn last line (a crash mid-write) is skipped; other bad lines fail."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except OSError as e:
-        raise _failed("read", path, e) from None
-    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors save
+    data = read_bytes(path).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors save
     torn = torn_tail(data)
     if torn:
         _note_torn(path, torn, "ignoring")

@@ -9,6 +9,7 @@ when K = V. All arithmetic is float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,19 +70,20 @@ def topk_kl_with_tail(student_logits: torch.Tensor, teacher_ids: torch.Tensor, t
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class _HeadKL(torch.autograd.Function):
-    """Sum over positions of topk_tail_kl_per_token(log_softmax(head(hidden))[ids]), with the [N, V] logits
-    made and dropped CHUNK positions at a time. The head is frozen, so the gradient wrt `hidden` is all
-    the backward needs: it is computed here, chunk by chunk, and only scaled in backward."""
+class _HeadLoss(torch.autograd.Function):
+    """Sum over positions of per_token(log_softmax(head(hidden))[ids], logprobs), with the [N, V] logits made and
+    dropped CHUNK positions at a time. The head is frozen, so the gradient wrt `hidden` is all the backward
+    needs: it is computed here, chunk by chunk, and only scaled in backward. One copy of this code serves every
+    objective (forward KL off-policy, reverse KL or JSD on-policy), so their numerics cannot drift apart."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk):
+    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk, per_token):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         for c in range(0, len(hidden), chunk):
             with torch.enable_grad():
                 logits = torch.nn.functional.linear(hidden[c:c + chunk], weight, bias).float().requires_grad_()
-                loss = topk_tail_kl_per_token(log_probs_at(logits, ids[c:c + chunk]), logprobs[c:c + chunk]).sum()
+                loss = per_token(log_probs_at(logits, ids[c:c + chunk]), logprobs[c:c + chunk]).sum()
                 (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
             grad_hidden[c:c + chunk] = grad_logits.to(weight.dtype) @ weight
@@ -91,7 +93,18 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
+
+
+def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+              per_token, chunk: int) -> torch.Tensor:
+    """Mean over the N positions of per_token(...) from hidden states [N, d] through a frozen linear head."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        total = _HeadLoss.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, per_token)
+    else:
+        total = sum(per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
+                              teacher_logprobs[c:c + chunk]).sum() for c in range(0, len(hidden), chunk))
+    return total / max(len(hidden), 1)
 
 
 def head_topk_kl_with_tail(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
@@ -100,12 +113,7 @@ def head_topk_kl_with_tail(hidden: torch.Tensor, head: torch.nn.Module, teacher_
     holding the [N, V] logits or their gradient: at V = 49k-152k those are the largest tensors of a step."""
     if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
         return topk_kl_with_tail(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)))
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        total = _HeadKL.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk)
-    else:
-        total = sum(topk_tail_kl_per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
-                                           teacher_logprobs[c:c + chunk]).sum() for c in range(0, len(hidden), chunk))
-    return total / max(len(hidden), 1)
+    return head_loss(hidden, head, teacher_ids, teacher_logprobs, topk_tail_kl_per_token, chunk)
 
 
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -161,41 +169,11 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class _HeadDivergence(torch.autograd.Function):
-    """_HeadKL for coarse_divergence_per_token at any beta: the sum over positions, [N, V] logits made and
-    dropped CHUNK positions at a time, the gradient wrt `hidden` computed in the forward (the head is frozen)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk, beta):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        for c in range(0, len(hidden), chunk):
-            with torch.enable_grad():
-                logits = torch.nn.functional.linear(hidden[c:c + chunk], weight, bias).float().requires_grad_()
-                log_q = log_probs_at(logits, ids[c:c + chunk])
-                loss = coarse_divergence_per_token(log_q, logprobs[c:c + chunk], beta).sum()
-                (grad_logits,) = torch.autograd.grad(loss, logits)
-            total += loss.detach()
-            grad_hidden[c:c + chunk] = grad_logits.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
-
-
 def head_topk_divergence(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
                          teacher_logprobs: torch.Tensor, beta: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """topk_divergence(head(hidden), ...) averaged over all N positions (hidden [N, d]), never holding the
     [N, V] logits or their gradient (see head_topk_kl_with_tail)."""
     if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
         return topk_divergence(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)), beta)
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        total = _HeadDivergence.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, beta)
-    else:
-        total = sum(coarse_divergence_per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
-                                                teacher_logprobs[c:c + chunk], beta).sum()
-                    for c in range(0, len(hidden), chunk))
-    return total / max(len(hidden), 1)
+    return head_loss(hidden, head, teacher_ids, teacher_logprobs,
+                     functools.partial(coarse_divergence_per_token, beta=beta), chunk)

@@ -22,25 +22,23 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+import promptbake.config as config_module
+import promptbake.teacher as teacher_module
+import promptbake.train as train_module
+from promptbake.chat import render_prompt_ids
+from promptbake.data import Row, load_prompts, read_prompt
+from promptbake.evaluate import sample, texts_of
+from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
+from promptbake.generate import decode_response, generate, generate_ids
+from promptbake.metrics import follows, kl_and_agreement
+from promptbake.teacher import build_examples
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import config as config_module  # noqa: E402
-from promptbake import generate as gen_module  # noqa: E402
-from promptbake import teacher as teacher_module  # noqa: E402
-from promptbake import train as train_module  # noqa: E402
-from promptbake.chat import render_prompt_ids  # noqa: E402
-from promptbake.data import Row, load_prompts, read_prompt  # noqa: E402
-from promptbake.evaluate import follows, kl_and_agreement, sample, texts_of  # noqa: E402
-from promptbake.forward import backbone_and_head, response_hidden  # noqa: E402
-from promptbake.generate import decode_response, generate_ids  # noqa: E402
-from promptbake.teacher import build_examples  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "levers_results.json"
 QUESTIONS = ROOT / "examples" / "unseen_questions.txt"
@@ -117,7 +115,7 @@ def make_data(persona: str, fields: dict, bf16: bool, workdir: Path) -> tuple[st
                                    "prompt_file": PERSONAS[persona]["prompt_file"], "overwrite": True}, "lever")
     t0 = time.time()
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        gen_module.generate(cfg)
+        generate(cfg)
     seconds = time.time() - t0
     timing.write_text(json.dumps({"seconds": seconds, "settings": data, "bf16": bf16}))
     return name, seconds
@@ -361,7 +359,6 @@ def generate_with_topk(model, tokenizer, prompts: list[list[int]], *, temperatur
 
 def check_free_logits(model, tokenizer, system: str, n: int, k: int) -> dict:
     """The generator's top-K against the teacher pass (shared system prefix, as the cache computes it)."""
-    from promptbake.chat import system_prefix_ids
     from promptbake.forward import response_logits, shared_prefix
     from promptbake.seeds import seed_queries
 
@@ -375,7 +372,7 @@ def check_free_logits(model, tokenizer, system: str, n: int, k: int) -> dict:
 
     def teacher_pass():
         with torch.inference_mode():
-            prefix = shared_prefix(model, system_prefix_ids(tokenizer, system))
+            prefix = shared_prefix(model, seqs[0][:common_prefix_len(seqs, n_resp)])
             return response_logits(model, seqs, n_resp, tokenizer.pad_token_id, prefix, share=False)
 
     logits, t_teacher = timed(teacher_pass, 1)

@@ -80,20 +80,25 @@ def test_fp16_teacher_logprobs_as_stored():
     assert b.item() == pytest.approx(a.item(), rel=2e-3, abs=1e-4)
 
 
-def test_gradient_drives_toy_student_to_teacher_not_sharpened():
-    """Minimising the top-K+tail loss recovers the teacher's top-K probabilities and tail mass, whereas
-    the tail-less sum would pile all mass onto the K ids."""
+def fit_toy_student(loss_fn, v: int = 30, k: int = 5):
+    """Adam on free student logits against a seeded teacher's top-K; returns (teacher, ids, logprobs, student)."""
     torch.manual_seed(0)
-    v, k = 30, 5
     teacher = torch.randn(4, v)
     ids, lp = teacher_topk(teacher, k)
     student = torch.zeros(4, v, requires_grad=True)
     opt = torch.optim.Adam([student], lr=0.1)
     for _ in range(1500):
         opt.zero_grad()
-        topk_kl_with_tail(student, ids, lp, torch.ones(4)).backward()
+        loss_fn(student, ids, lp, torch.ones(4)).backward()
         opt.step()
-    q = student.detach().softmax(-1)
+    return teacher, ids, lp, student.detach()
+
+
+def test_gradient_drives_toy_student_to_teacher_not_sharpened():
+    """Minimising the top-K+tail loss recovers the teacher's top-K probabilities and tail mass, whereas
+    the tail-less sum would pile all mass onto the K ids."""
+    teacher, ids, lp, student = fit_toy_student(topk_kl_with_tail)
+    q = student.softmax(-1)
     p = teacher.softmax(-1)
     assert torch.allclose(q.gather(-1, ids), p.gather(-1, ids), atol=2e-3)
     p_tail = 1 - p.gather(-1, ids).sum(-1)
@@ -288,17 +293,8 @@ def test_reverse_kl_drives_toy_student_to_the_coarsened_teacher():
     """Minimising the coarse reverse KL matches the teacher's top-K probabilities and its tail mass (no sharpening)."""
     from promptbake.loss import topk_divergence
 
-    torch.manual_seed(0)
-    v, k = 30, 5
-    teacher = torch.randn(4, v)
-    ids, lp = teacher_topk(teacher, k)
-    student = torch.zeros(4, v, requires_grad=True)
-    opt = torch.optim.Adam([student], lr=0.1)
-    for _ in range(1500):
-        opt.zero_grad()
-        topk_divergence(student, ids, lp, torch.ones(4)).backward()
-        opt.step()
-    q, p = student.detach().softmax(-1), teacher.softmax(-1)
+    teacher, ids, lp, student = fit_toy_student(topk_divergence)
+    q, p = student.softmax(-1), teacher.softmax(-1)
     assert torch.allclose(q.gather(-1, ids), p.gather(-1, ids), atol=2e-3)
     p_tail = 1 - p.gather(-1, ids).sum(-1)
     assert torch.allclose(1 - q.gather(-1, ids).sum(-1), p_tail, atol=2e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from peft import PeftModel
@@ -10,8 +11,7 @@ from safetensors import SafetensorError
 from . import model as models
 from .errors import UserError
 from .io import read_json, sha256_text
-
-BAKE_CONFIG = "bake_config.json"
+from .lineage import BAKE_CONFIG, lineage_id, lineage_of, merge_chain
 
 
 def latest_checkpoint(checkpoint_dir: str, name: str | None = None) -> Path:
@@ -60,6 +60,8 @@ def load_baked(path: str | Path, model_name_or_path: str | None = None, device: 
     want = info.get("base_config_sha256")
     if want and want != model_config_sha256(base):
         raise UserError(f"{path} was baked on a base model with another architecture than {base_path}")
+    if info.get("lineage"):
+        base = merge_chain(base, info["lineage"], Path(path))
     try:
         model = PeftModel.from_pretrained(base, str(path))
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
@@ -69,6 +71,38 @@ def load_baked(path: str | Path, model_name_or_path: str | None = None, device: 
     if strength != 1.0:
         set_strength(model, strength)
     return model, tokenizer, info
+
+
+def with_parent_model(cfg):
+    """With --init_from, the base model is the parent checkpoint's: the config says so before anything is saved."""
+    if not cfg.init_from:
+        return cfg
+    info = read_bake_config(cfg.init_from)
+    baked_on = info["config"]["model_name_or_path"]
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "model_name_or_path")
+    if cfg.model_name_or_path not in (baked_on, default):
+        raise UserError(f"--init_from {cfg.init_from} was baked on {baked_on!r}, not {cfg.model_name_or_path!r}; "
+                        f"drop --model_name_or_path, or set it to {baked_on}")
+    return dataclasses.replace(cfg, model_name_or_path=baked_on,
+                               trust_remote_code=info["config"].get("trust_remote_code", cfg.trust_remote_code))
+
+
+def load_start(cfg):
+    """The model a bake or a generation starts from: the base model, or with --init_from the parent
+    checkpoint's whole chain merged in (its teacher is that model with the new prompt).
+    Returns (model, tokenizer, model identity, device, lineage); the identity names the chain too."""
+    model, tokenizer, path, device = models.load(cfg)
+    if not cfg.init_from:
+        return model, tokenizer, path, device, []
+    parent = Path(cfg.init_from)
+    info = read_bake_config(parent)
+    if info.get("base_config_sha256") not in (None, model_config_sha256(model)):
+        raise UserError(f"--init_from {parent} was baked on a base model with another architecture than {path}")
+    lineage = lineage_of(parent, info)
+    model = merge_chain(model, lineage, None)
+    print(f"starting from {parent}: the base model with {len(lineage)} baked adapter(s) merged in "
+          f"({' -> '.join(a['name'] for a in lineage)})")
+    return model, tokenizer, f"{path}+lineage:{lineage_id(lineage)}", device, lineage
 
 
 def model_config_sha256(model) -> str:

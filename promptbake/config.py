@@ -72,6 +72,7 @@ class Config:
     model_cache_dir: str = ""  # where the embedded model is converted; "" = $PROMPTBAKE_CACHE or ~/.cache/promptbake
     trust_remote_code: bool = False  # run a model repo's own Python code (off unless you trust it)
     device: str = "auto"  # auto | cpu | cuda | mps
+    init_from: str = ""  # a baked checkpoint to bake on top of (teacher: it WITH the new prompt); "" = the base model
     # ---- data generation (generate_data.py)
     backend: str = "auto"  # auto | api | local  (auto = api when api_base_url is set)
     api_base_url: str = ""  # OpenAI-compatible base, e.g. http://127.0.0.1:8080/v1 ("" = $API_BASE_URL)

@@ -15,8 +15,8 @@ import orjson
 import torch
 from tqdm.auto import tqdm
 
-from . import model as models
 from .api_client import ChatClient, redact_url
+from .baked import load_start, with_parent_model
 from .chat import render_prompt_ids, stop_ids
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
@@ -129,7 +129,13 @@ def data_path(cfg) -> Path:
 def pick_backend(cfg) -> str:
     """api when an API base URL is set (in settings, the environment or .env: the config resolves them)."""
     if cfg.backend != "auto":
+        if cfg.backend == "api" and cfg.init_from:
+            print(f"note: --backend api with --init_from: the API model must serve {cfg.init_from} (merged), "
+                  f"or the data will not come from the baked teacher")
         return cfg.backend
+    if cfg.init_from and cfg.api_base_url:
+        print(f"backend auto: local, because the teacher is {cfg.init_from} with the prompt, which the API does not serve")
+        return "local"
     return "api" if cfg.api_base_url else "local"
 
 
@@ -185,11 +191,10 @@ def api_backend(cfg, system: str) -> Backend:
     return Backend("api", f"api:{api_model}", run, ask_many, client, close=close)
 
 
-def local_backend(cfg, system: str, model, tokenizer) -> Backend:
+def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = None) -> Backend:
     if model is None:
-        model, tokenizer, model_id, _ = models.load(cfg)
-    else:
-        model_id = model.name_or_path
+        model, tokenizer, model_id, _, _ = load_start(cfg)
+    model_id = model_id or model.name_or_path
 
     def ask_many(requests, seeds):
         prompts = [render_prompt_ids(tokenizer, r, None) for r in requests]
@@ -276,19 +281,20 @@ class Progress:
                              errors=stats.errors if stats else 0, retries=stats.retries if stats else 0)
 
 
-def generate(cfg, model=None, tokenizer=None) -> Path:
+def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Path:
     """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped."""
+    cfg = with_parent_model(cfg)
     system = read_prompt(cfg.prompt_file)
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
     check_data_dir(cfg.data_dir)
     with ExitStack() as stack:
         stack.enter_context(run_lock(out, "generate_data"))
         name = pick_backend(cfg)
-        backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer)
+        backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer, model_id)
         stack.callback(backend.close)
         check_prompt_length(cfg, system, backend.tokenizer)
-        print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api"
-                                    else " (the base model, with the prompt)"))
+        print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api" else
+                                    f" ({cfg.init_from or 'the base model'}, with the prompt)"))
         rows = _source_rows(cfg, system, backend.ask_many)
         if all(r.response is not None for r in rows):  # paired input: used as is
             return write_paired(out, meta_path, rows, system)

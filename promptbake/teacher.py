@@ -77,8 +77,9 @@ def cache_key(model_path: str, system: str, data_sha256: str, k: int, chat_templ
               max_seq_len: int, student_prompt: str) -> str:
     fingerprint = {"version": CACHE_VERSION, "model": model_path, "system": system, "data": data_sha256, "k": k,
                    "template": chat_template, "max_seq_len": max_seq_len, "student_prompt": student_prompt}
-    if os.path.isdir(model_path):  # a folder's weights can change under the same name
-        files = sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("config.json"))
+    folder = model_path.split("+lineage:")[0]  # a baked chain's identity: the base folder + the chain's hash
+    if os.path.isdir(folder):  # a folder's weights can change under the same name
+        files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("config.json"))
         fingerprint["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
     return hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()[:20]
 

@@ -23,8 +23,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from . import model as models
-from .baked import BAKE_CONFIG, model_config_sha256
+from .baked import BAKE_CONFIG, load_start, model_config_sha256, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
@@ -84,7 +83,7 @@ def target_specs(cfg) -> list[dict]:
     return out
 
 
-def _answered_rows(cfg, spec, model, tokenizer):
+def _answered_rows(cfg, spec, model, tokenizer, model_path: str):
     """The target's rows; prompts-only data is first answered by the local teacher (same code as generate_data)."""
     rows = spec["rows"]
     if all(r.response is not None for r in rows):
@@ -96,7 +95,7 @@ def _answered_rows(cfg, spec, model, tokenizer):
     print(f"{spec['data']} holds prompts only: the local teacher answers them first")
     gen_cfg = dataclasses.replace(cfg, prompts=spec["data"], prompt_file=spec["prompt_file"], training_prompts=[],
                       generate_queries=0, backend="local", name=f"{Path(spec['data']).stem}.answered")
-    out = generate(gen_cfg, model, tokenizer)
+    out = generate(gen_cfg, model, tokenizer, model_path)
     return load_rows(str(out)), str(out)
 
 
@@ -117,7 +116,7 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
 def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target:
     """Tokenizes one target's rows, loads or builds its teacher cache, and checks the alignment."""
     system = read_prompt(spec["prompt_file"])
-    rows, data_file = _answered_rows(cfg, spec, model, tokenizer)
+    rows, data_file = _answered_rows(cfg, spec, model, tokenizer, model_path)
     meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
     meta = read_json(meta_path) if meta_path.exists() else {}
     settings = meta.get("settings", {}) if isinstance(meta, dict) else {}
@@ -214,9 +213,10 @@ def eval_full_kl(model, targets: list[Target], pad_id: int, batch_size: int, ada
 
 
 # ---------------------------------------------------------------- checkpoints
-def bake_info(cfg, targets: list[Target], model_path: str, base_model) -> dict:
+def bake_info(cfg, targets: list[Target], model_path: str, base_model, lineage: list[dict]) -> dict:
     config = to_dict(cfg)
-    return {"config": config, "base_model_path": model_path, "base_config_sha256": model_config_sha256(base_model),
+    return {"config": config, "base_model_path": model_path.split("+lineage:")[0],
+            "base_config_sha256": model_config_sha256(base_model), "lineage": lineage,
             "config_sha256": sha256_text(repr(sorted(config.items()))),
             "targets": [{"name": t.name, "system_prompt": t.system, "system_prompt_sha256": sha256_text(t.system),
                          "student_prompt": t.student_prompt, "data": str(t.data), "data_sha256": sha256_file(t.data),
@@ -308,14 +308,14 @@ class Trainer:
 def prepare(cfg, run_dir: Path) -> Trainer:
     """Loads the model, checks every input and builds the teacher caches. Writes nothing under run_dir."""
     t0 = time.time()
-    base, tokenizer, model_path, device = models.load(cfg)
+    base, tokenizer, model_path, device, lineage = load_start(cfg)
     timings = {"model_load_s": time.time() - t0}
     print(f"model: {model_path} on {device}")
     specs = check_inputs(cfg, tokenizer)
     t0 = time.time()
     targets = [prepare_target(cfg, spec, base, tokenizer, model_path) for spec in specs]
     timings["teacher_cache_s"] = time.time() - t0
-    info = bake_info(cfg, targets, model_path, base)
+    info = bake_info(cfg, targets, model_path, base, lineage)
     return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings)
 
 
@@ -457,6 +457,7 @@ def finish(tr: Trainer) -> Path:
 def bake(cfg) -> Path:
     """Trains checkpoints/<name>/final from the data; returns its path."""
     t_start = time.time()
+    cfg = with_parent_model(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     run_dir = Path(cfg.checkpoint_dir) / cfg.name

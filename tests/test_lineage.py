@@ -1,0 +1,98 @@
+"""Baking on a baked model: the chain is recorded, rebuilt at load time exactly, and refused when broken."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import make_cfg
+from safetensors.torch import load_file, save_file
+from test_train import QA, write_data
+
+from promptbake import train
+from promptbake.baked import load_baked, read_bake_config
+from promptbake.errors import UserError
+
+POLITE = [(q, f"Certainly, dear friend. {a.removeprefix('Arr! ').removeprefix('Arr, ')}") for q, a in QA]
+
+
+def cfg_for(model_dir, **kw):
+    base = dict(model_name_or_path=model_dir, num_epochs=1, batch_size=4, save_steps=100, eval_fraction=0.25,
+                learning_rate=1e-2, top_k=8, teacher_batch_size=4)
+    return make_cfg(**{**base, **kw})
+
+
+def bake_keeping_model(monkeypatch, cfg):
+    """Bakes, and returns (final path, the in-memory model that was trained)."""
+    kept = {}
+    finish = train.finish
+
+    def keep(tr):
+        kept["model"] = tr.model
+        return finish(tr)
+
+    monkeypatch.setattr(train, "finish", keep)
+    return train.bake(cfg), kept["model"]
+
+
+@pytest.fixture
+def chain(workdir, tiny_model_dir, monkeypatch):
+    """a (pirate) -> b (polite, baked on a) -> c (pirate again, baked on b)."""
+    write_data(workdir / "data" / "a.jsonl")
+    (workdir / "polite.md").write_text("You are unfailingly polite. Begin every reply with 'Certainly, dear friend.'\n")
+    write_data(workdir / "data" / "b.jsonl", POLITE)
+    write_data(workdir / "data" / "c.jsonl")
+    a = train.bake(cfg_for(tiny_model_dir, name="a"))
+    b, b_model = bake_keeping_model(monkeypatch, cfg_for(tiny_model_dir, name="b", init_from=str(a),
+                                                           prompt_file="polite.md"))
+    c, c_model = bake_keeping_model(monkeypatch, cfg_for(tiny_model_dir, name="c", init_from=str(b)))
+    return {"a": a, "b": b, "c": c, "b_model": b_model, "c_model": c_model}
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_chain_is_recorded_and_rebuilt_with_the_logits_that_were_trained(chain, tokenizer):
+    info = read_bake_config(chain["c"])
+    assert [a["name"] for a in info["lineage"]] == ["a", "b"]
+    assert info["lineage"][1]["targets"][0]["system_prompt"].startswith("You are unfailingly polite")
+    assert all(len(a["adapter_sha256"]) == 64 and a["targets"][0]["data_sha256"] for a in info["lineage"])
+    assert info["lineage"][0]["checkpoint"] == "checkpoints/a/final"  # relative: the project folder may move
+    ids = tokenizer("Tell me about the sea, please.")["input_ids"]
+    for name in ("b", "c"):
+        loaded, _, _ = load_baked(chain[name])
+        trained = chain[f"{name}_model"]
+        trained.eval()
+        assert torch.allclose(logits(loaded, ids), logits(trained, ids), atol=1e-5), name
+    # the parent's adapter really is in: c's chain differs from c's own adapter on the plain base
+    loaded_c, _, _ = load_baked(chain["c"])
+    with loaded_c.disable_adapter():
+        parent = logits(loaded_c, ids)
+    loaded_b, _, _ = load_baked(chain["b"])
+    assert torch.allclose(parent, logits(loaded_b, ids), atol=1e-5)  # c's teacher model is b, baked
+
+
+def test_a_missing_ancestor_is_refused_by_name(chain):
+    shutil.move(chain["a"], chain["a"].parent / "moved")
+    with pytest.raises(UserError, match=r"checkpoints/a/final .*'a'.*missing"):
+        load_baked(chain["c"])
+
+
+def test_a_changed_ancestor_is_refused(chain):
+    weights = chain["b"] / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 for k, v in tensors.items()}, weights)
+    with pytest.raises(UserError, match="has changed since"):
+        load_baked(chain["c"])
+
+
+def test_a_chained_bake_uses_its_own_teacher_cache(chain, workdir):
+    caches = sorted(p.name for p in (workdir / "data" / "cache").iterdir())
+    assert len(caches) == 3  # a and c have the same prompt and data, but c's teacher is b's model
+
+
+def test_init_from_must_be_a_baked_checkpoint(workdir, tiny_model_dir):
+    write_data(workdir / "data" / "default.jsonl")
+    with pytest.raises(UserError, match="not a baked adapter"):
+        train.bake(cfg_for(tiny_model_dir, init_from=str(workdir / "data")))

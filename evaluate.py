@@ -5,22 +5,25 @@
     python evaluate.py --strengths 0,0.25,0.5,0.75,1,1.25    # half-baking sweep -> half_baking.png
     python evaluate.py --steps                           # sweep over the saved step-N checkpoints
     python evaluate.py --target french                   # one target of a multi-target bake (default: each)
+    python evaluate.py --checkpoint checkpoints/a/final --checkpoint checkpoints/b/final   # A/B, same queries and seeds
 
-Prints full-vocabulary KL to the prompted teacher (base vs baked), top-1 agreement, and adherence on
-sampled answers (T=0.7, --samples per query, the same seeds for every model)
-(markers / marker_regex from promptbake/config.py, or a judge model when API_BASE_URL is set). Writes eval.json.
+Prints full-vocabulary KL to the prompted teacher (base vs baked, and the baked model re-prompted with
+its prompt), top-1 agreement, and adherence on sampled answers (T=0.7, --samples per query, the same seeds
+for every model; markers / marker_regex from promptbake/config.py, or a judge model when API_BASE_URL is set).
+A checkpoint baked on another (--init_from) also gets adherence to every prompt of its lineage. Writes eval.json.
 """
 
 import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import STRENGTH, ConfigError, check_range, parse_args
-from promptbake.evaluate import evaluate
+from promptbake.evaluate import compare_checkpoints, evaluate
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a checkpoints/<run>/final or step-N folder (default: newest)")
+    parser.add_argument("--checkpoint", action="append", help="a checkpoints/<run>/final or step-N folder (default: "
+                        "newest); twice or more: compare them side by side on the same queries and seeds")
     parser.add_argument("--queries", help="held-out prompts: .txt (one a line) or .jsonl (default: the run's held_out.jsonl)")
     parser.add_argument("--strengths", default="", help="comma list of adapter strengths to sweep")
     parser.add_argument("--steps", action="store_true", help="also sweep the run's step-N checkpoints")
@@ -35,7 +38,13 @@ def main():
         check_range("--strengths", s, STRENGTH)
     if not 1 <= args.samples <= 100:
         raise ConfigError(f"--samples is {args.samples}; it must be in [1, 100]")
-    evaluate(cfg, args.checkpoint, args.queries, strengths, args.steps, args.samples, args.target)
+    if args.checkpoint and len(args.checkpoint) > 1:
+        if strengths or args.steps:
+            raise ConfigError("--strengths and --steps sweep one checkpoint; drop them to compare several")
+        compare_checkpoints(cfg, args.checkpoint, args.queries, args.samples, args.target)
+    else:
+        evaluate(cfg, args.checkpoint[0] if args.checkpoint else None, args.queries, strengths, args.steps, args.samples,
+                 args.target)
 
 
 if __name__ == "__main__":

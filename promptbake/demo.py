@@ -19,7 +19,9 @@ def load_for_demo(cfg, checkpoint: str | None, strength: float, temperature: flo
     path = checkpoint or latest_checkpoint(cfg.checkpoint_dir, cfg.name)
     model, tokenizer, info = load_baked(path, device=cfg.device, strength=strength, model_cache_dir=cfg.model_cache_dir)
     info = {**info, "target": info["targets"][0]["name"]}
-    print(f"checkpoint: {path}" + (f" (strength {strength:g})" if strength != 1.0 else ""), file=sys.stderr)
+    chain = "".join(f"{a['name']} -> " for a in info.get("lineage", []))
+    print(f"checkpoint: {path}" + (f" (strength {strength:g})" if strength != 1.0 else "")
+          + (f" | chain: base -> {chain}{info['config'].get('name')}" if chain else ""), file=sys.stderr)
     return model, tokenizer, info, path
 
 
@@ -58,20 +60,24 @@ def _baked_system(info: dict, with_prompt: bool, name: str) -> str | None:
         return target["system_prompt"]
     return target.get("student_prompt") or None
 
-def compare(model, tokenizer, info, question: str, cfg, temperature: float, with_prompt: bool = False,
-            target: str | None = None) -> dict:
+def compare(model, tokenizer, info, question: str, cfg, temperature: float, target: str | None = None) -> dict:
+    """The four models side by side: base and prompted base (the parent, for a chained bake), baked, and
+    baked re-prompted with its own prompt."""
     target = target or info["targets"][0]["name"]
     system = target_info(info, target)["system_prompt"]
+    start = "parent" if info.get("lineage") else "base"
     messages = [{"role": "user", "content": question}]
     out = {}
     print(f"\n=== user: {question}")
     with model.disable_adapter():
-        print("\n--- base model, no prompt:")
+        print(f"\n--- {start} model, no prompt:")
         out["base"] = stream_answer(model, tokenizer, messages, None, cfg, temperature)
-        print("\n--- base model, WITH the prompt:")
+        print(f"\n--- {start} model, WITH the prompt:")
         out["prompted"] = stream_answer(model, tokenizer, messages, system, cfg, temperature)
-    print("\n--- baked model, no prompt:" if not with_prompt else "\n--- baked model, re-prompted with its prompt:")
-    out["baked"] = stream_answer(model, tokenizer, messages, _baked_system(info, with_prompt, target), cfg, temperature)
+    print("\n--- baked model, no prompt:")
+    out["baked"] = stream_answer(model, tokenizer, messages, _baked_system(info, False, target), cfg, temperature)
+    print("\n--- baked model, re-prompted with its prompt:")
+    out["baked_reprompted"] = stream_answer(model, tokenizer, messages, system, cfg, temperature)
     return out
 
 def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, with_prompt: bool = False,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
 
+from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, set_strength
 from .chat import render_prompt_ids
@@ -15,6 +17,7 @@ from .data import Row, load_prompts
 from .errors import UserError
 from .generate import decode_response, derive_seed, generate_ids
 from .io import read_jsonl, write_json
+from .lineage import lineage_prompts
 from .metrics import kl_and_agreement, marker_rate
 from .retention import retention
 from .teacher import build_examples
@@ -148,18 +151,52 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
     kl_before, agree_before = kl_and_agreement(model, examples, tokenizer.pad_token_id, adapter=False)
     kl_after, agree_after = kl_and_agreement(model, examples, tokenizer.pad_token_id)
     baked_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
+    # Re-prompting: the baked model given its prompt again (the paper's fourth model)
+    reprompted_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed))
+    kl_re, agree_re = kl_and_agreement(model, [dataclasses.replace(e, student_ids=e.teacher_ids) for e in examples],
+                                       tokenizer.pad_token_id)
     result = {
         "target": target["name"], "queries": where, "n_queries": len(contexts),
         "n_tokens": sum(e.n_response for e in examples),
         "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
+        "kl_reprompted": kl_re,
         "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
-        "adherence": {"base": rate(base_texts), "prompted": rate(prompted_texts), "baked": rate(baked_texts)},
+        "top1_agreement_reprompted": agree_re,
+        "adherence": {"base": rate(base_texts), "prompted": rate(prompted_texts), "baked": rate(baked_texts),
+                      "baked_reprompted": rate(reprompted_texts)},
         "markers": cfg.markers, "marker_regex": regex, "samples_per_query": samples,
         "adherence_answers": len(baked_texts),
-        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": baked}
-                     for (c, _, _), b, p, baked in list(zip(teacher, base_texts, prompted_texts, baked_texts))[:5]],
+        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": baked, "baked_reprompted": re_}
+                     for (c, _, _), b, p, baked, re_ in
+                     list(zip(teacher, base_texts, prompted_texts, baked_texts, reprompted_texts))[:5]],
     }
     return result, examples, rate
+
+
+def lineage_adherence(cfg, info: dict, model, tokenizer, contexts, samples: int) -> list[dict]:
+    """After baking B on A: does the chained model, with no prompt, still show every prompt of its lineage?
+    Beside it, the plain base model with no prompt and with all the lineage's prompts at once."""
+    prompts = lineage_prompts(info, cfg.marker_regex)
+    base_cfg = dataclasses.replace(cfg, model_name_or_path=info["config"]["model_name_or_path"], init_from="",
+                                   trust_remote_code=info["config"].get("trust_remote_code", False))
+    base = models.load(base_cfg)[0]
+    every_prompt = "\n\n".join(p["system_prompt"] for p in prompts)
+    n = cfg.eval_max_new_tokens
+    texts = {"base": texts_of(tokenizer, sample(base, tokenizer, contexts, None, n, samples, cfg.seed)),
+             "base_all_prompts": texts_of(tokenizer, sample(base, tokenizer, contexts, every_prompt, n, samples, cfg.seed)),
+             "baked": texts_of(tokenizer, sample(model, tokenizer, contexts, None, n, samples, cfg.seed))}
+    del base
+    print(f"\nlineage ({len(prompts)} prompts): adherence of the chained model with no prompt, beside the plain base")
+    print(f"{'bake / target':28}{'base':>8}{'base + every prompt':>21}{'chained, no prompt':>20}")
+    out = []
+    for p in prompts:
+        rates = {who: marker_rate(t, cfg.markers if p["bake"] == info["config"].get("name") else [], p["marker_regex"])
+                 for who, t in texts.items()}
+        out.append({"bake": p["bake"], "target": p["name"], "prompt": p["system_prompt"].strip().splitlines()[0][:120],
+                    "marker_regex": p["marker_regex"], **rates})
+        print(f"{p['bake'] + ' / ' + p['name']:28}{_rate(rates['base']):>8}{_rate(rates['base_all_prompts']):>21}"
+              f"{_rate(rates['baked']):>20}")
+    return out
 
 
 def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, strengths: list[float] | None = None,
@@ -176,6 +213,7 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     for t in pick_targets(info, target):
         contexts, where = eval_contexts(path, queries, t["name"])
         result, examples, rate = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
+        result["start_model"] = "parent" if info.get("lineage") else "base"
         points = sweep_points(path, strengths or [], steps)
         if points:
             result["sweep"] = run_sweep(model, tokenizer, cfg, path, examples, contexts, t.get("student_prompt", ""), rate,
@@ -186,6 +224,9 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
         print_table(result)
     first = next(iter(per_target.values()))
     result = dict(first) if len(per_target) == 1 else {"targets": per_target}
+    if info.get("lineage"):
+        contexts = eval_contexts(path, queries, first["target"])[0]
+        result["lineage"] = lineage_adherence(cfg, info, model, tokenizer, contexts, samples)
     result["retention"] = kept = retention(model, tokenizer, cfg.max_seq_len)
     print(f"retention ({kept['questions']} arithmetic and factual questions, greedy, no prompt): accuracy base "
           f"{kept['accuracy_base']:.2f} | baked {kept['accuracy_baked']:.2f} | KL(base || baked) {kept['kl_base_to_baked']:.4f}")
@@ -195,6 +236,48 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     write_json(out, result)
     print(f"wrote {out}")
     return result
+
+
+def checkpoint_label(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def compare_checkpoints(cfg, checkpoints: list[str], queries: str | None = None, samples: int = 3,
+                        target: str | None = None) -> dict:
+    """A/B: every checkpoint answers the same queries (the first one's held-out ones, or `queries`) with the
+    same seeds; one table side by side, written to checkpoints/ab-<A>-vs-<B>.json."""
+    if queries and not Path(queries).is_file():
+        raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
+    results, contexts, where = {}, None, None
+    for ckpt in checkpoints:
+        path = Path(ckpt)
+        model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
+        t = pick_targets(info, target)[0]
+        if contexts is None:
+            contexts, where = eval_contexts(path, queries, t["name"])
+        result, _, _ = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
+        results[checkpoint_label(path)] = {**result, "checkpoint": str(path), "lineage": [a["name"] for a in
+                                                                                         info.get("lineage", [])]}
+        del model
+    print_ab(results)
+    labels = [label.replace("/", "_") for label in results]
+    out = Path(cfg.checkpoint_dir) / f"ab-{'-vs-'.join(labels)}.json"
+    write_json(out, {"queries": where, "seed": cfg.seed, "samples_per_query": samples, "checkpoints": results})
+    print(f"wrote {out}")
+    return results
+
+
+def print_ab(results: dict) -> None:
+    names = list(results)
+    width = max(16, *(len(n) + 2 for n in names))
+    print(f"\n{'same queries, same seeds':30}" + "".join(f"{n:>{width}}" for n in names))
+    rows = [("KL to teacher, baked", lambda r: f"{r['kl_after']:.4f}"),
+            ("KL cut", lambda r: f"{100 * (1 - r['kl_ratio']):.0f}%" if r["kl_ratio"] is not None else "n/a"),
+            ("top-1 agreement", lambda r: f"{r['top1_agreement_after']:.3f}")]
+    rows += [(f"adherence: {who.replace('_', ' ')}", lambda r, who=who: _rate(r["adherence"][who]["marker_rate"]))
+             for who in ("base", "prompted", "baked", "baked_reprompted")]
+    for label, cell in rows:
+        print(f"{label:30}" + "".join(f"{cell(results[n]):>{width}}" for n in names))
 
 
 def log_wandb(cfg, path: Path, result: dict) -> None:
@@ -242,13 +325,17 @@ def _rate(x) -> str:
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{'':18}{'KL to teacher':>14}{'top-1 agree':>13}{'adherence':>11}")
-    rows = [("base, no prompt", r["kl_before"], r["top1_agreement_before"], r["adherence"]["base"]),
-            ("prompted base", 0.0, 1.0, r["adherence"]["prompted"]),
+    start = r.get("start_model", "base")
+    print(f"\n{'':22}{'KL to teacher':>14}{'top-1 agree':>13}{'adherence':>11}")
+    rows = [(f"{start}, no prompt", r["kl_before"], r["top1_agreement_before"], r["adherence"]["base"]),
+            (f"{start} + prompt", 0.0, 1.0, r["adherence"]["prompted"]),
             ("baked, no prompt", r["kl_after"], r["top1_agreement_after"], r["adherence"]["baked"])]
+    if "baked_reprompted" in r["adherence"]:
+        rows.append(("baked + prompt", r["kl_reprompted"], r["top1_agreement_reprompted"],
+                     r["adherence"]["baked_reprompted"]))
     for name, kl, agree, adh in rows:
         judge = f"  judge {adh['judge_rate']:.2f}" if "judge_rate" in adh else ""
-        print(f"{name:18}{kl:>14.4f}{agree:>13.3f}{_rate(adh['marker_rate']):>11}{judge}")
+        print(f"{name:22}{kl:>14.4f}{agree:>13.3f}{_rate(adh['marker_rate']):>11}{judge}")
     if r["kl_before"]:
         print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
               f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")

@@ -9,7 +9,6 @@ merged in order) and refuses when an ancestor is missing or no longer the one th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from peft import PeftModel
@@ -35,8 +34,11 @@ def ancestor_entry(checkpoint: Path, info: dict) -> dict:
     """What the chain records of one ancestor: enough to find it again and to tell it has not changed."""
     return {"checkpoint": stored_path(checkpoint), "name": info["config"].get("name", checkpoint.parent.name),
             "adapter_sha256": sha256_file(checkpoint / ADAPTER_FILE), "config_sha256": info.get("config_sha256"),
-            "targets": [{k: t.get(k) for k in ("name", "system_prompt", "system_prompt_sha256", "student_prompt",
-                                                "data_sha256", "marker_regex")} for t in info["targets"]]}
+            "targets": [{**{k: t.get(k) for k in ("name", "system_prompt", "system_prompt_sha256", "student_prompt",
+                                                   "data_sha256")},
+                         # the regex its adherence was measured with: its own, else its bake's setting
+                         "marker_regex": t.get("marker_regex") or info["config"].get("marker_regex", "")}
+                        for t in info["targets"]]}
 
 
 def lineage_of(checkpoint: Path, info: dict) -> list[dict]:
@@ -89,15 +91,10 @@ def merge_chain(model, lineage: list[dict], child: Path | None = None):
     return model
 
 
-def lineage_prompts(info: dict) -> list[dict]:
-    """Every target of the chain, oldest first, this checkpoint's own last: name, prompt, marker regex."""
-    entries = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
+def lineage_prompts(info: dict, marker_regex: str = "") -> list[dict]:
+    """Every target of the chain, oldest first, this checkpoint's own last: bake, name, prompt, marker regex
+    (an ancestor's as recorded; this checkpoint's own, else `marker_regex`)."""
+    own = [{**t, "marker_regex": t.get("marker_regex") or marker_regex} for t in info["targets"]]
+    entries = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": own}]
     return [{"bake": e["name"], **{k: t.get(k) for k in ("name", "system_prompt", "marker_regex")}}
             for e in entries for t in e["targets"]]
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False

@@ -96,3 +96,22 @@ def test_init_from_must_be_a_baked_checkpoint(workdir, tiny_model_dir):
     write_data(workdir / "data" / "default.jsonl")
     with pytest.raises(UserError, match="not a baked adapter"):
         train.bake(cfg_for(tiny_model_dir, init_from=str(workdir / "data")))
+
+
+def test_evaluate_reports_every_prompt_of_the_lineage_and_the_reprompted_model(chain, workdir):
+    from promptbake.evaluate import compare_checkpoints, evaluate
+
+    cfg = make_cfg(eval_max_new_tokens=8, marker_regex=r"\barr\b")
+    result = evaluate(cfg, str(chain["c"]), samples=1)
+    assert [(p["bake"], p["prompt"][:12]) for p in result["lineage"]] == [
+        ("a", "You are a pi"), ("b", "You are unfa"), ("c", "You are a pi")]
+    assert all(set(p) >= {"base", "base_all_prompts", "baked", "marker_regex"} for p in result["lineage"])
+    assert result["start_model"] == "parent"
+    assert set(result["adherence"]) == {"base", "prompted", "baked", "baked_reprompted"}
+    assert result["kl_reprompted"] >= 0 and "baked_reprompted" in result["examples"][0]
+
+    ab = compare_checkpoints(cfg, [str(chain["a"]), str(chain["c"])], samples=1)
+    assert list(ab) == ["a/final", "c/final"] and ab["c/final"]["lineage"] == ["a", "b"]
+    assert (workdir / "checkpoints" / "ab-a_final-vs-c_final.json").exists()
+    # same queries and seeds: the prompted answers of a's base model are the same in both runs
+    assert [e["user"] for e in ab["a/final"]["examples"]] == [e["user"] for e in ab["c/final"]["examples"]]

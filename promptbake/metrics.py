@@ -15,20 +15,23 @@ KL_CHUNK = 128  # positions whose full-vocabulary logits exist at once
 
 
 @torch.inference_mode()
-def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter: bool = True) -> tuple[float, float]:
+def kl_and_agreement(model, examples, pad_id: int, batch_size: int = 8, adapter: bool = True,
+                     teacher_model=None) -> tuple[float, float]:
     """Full-vocabulary KL(prompted base || model without prompt), and top-1 agreement, token-weighted.
-    The teacher is the model with its adapter disabled; adapter=False measures the base model without the prompt."""
+    The teacher is the model with its adapter disabled, or `teacher_model` (e.g. the plain base under a baked
+    chain); adapter=False measures the base model without the prompt."""
     kl, agree, n = 0.0, 0.0, 0
     head = backbone_and_head(model)[1]
+    teacher_head = backbone_and_head(teacher_model)[1] if teacher_model is not None else head
     for b in range(0, len(examples), batch_size):
         ex = examples[b:b + batch_size]
         n_resp = [e.n_response for e in ex]
-        with model.disable_adapter():
-            t_hidden = response_hidden(model, [e.teacher_ids for e in ex], n_resp, pad_id)
+        with nullcontext() if teacher_model is not None else model.disable_adapter():
+            t_hidden = response_hidden(teacher_model or model, [e.teacher_ids for e in ex], n_resp, pad_id)
         with nullcontext() if adapter else model.disable_adapter():
             s_hidden = response_hidden(model, [e.student_ids for e in ex], n_resp, pad_id)
         for c in range(0, len(t_hidden), KL_CHUNK):
-            t, s = head(t_hidden[c:c + KL_CHUNK]), head(s_hidden[c:c + KL_CHUNK])
+            t, s = teacher_head(t_hidden[c:c + KL_CHUNK]), head(s_hidden[c:c + KL_CHUNK])
             kl += full_kl(t, s, torch.ones(len(t), device=t.device)).item() * len(t)
             agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
         n += len(t_hidden)

@@ -1,0 +1,142 @@
+"""Prompt Pursuit (Bhargava et al. 2024, sec. 5): bake, then bake the re-prompted baked model again.
+
+Iteration 1 is a normal bake of the prompt. Iteration i bakes on iteration i-1: its teacher is baked_{i-1}
+WITH the prompt, its student baked_{i-1} plus a new LoRA without it, on fresh data from that teacher. After
+each iteration the chained model, with no prompt, is measured against the ORIGINAL prompted base: adherence on
+sampled answers and full-vocabulary KL, on the first iteration's held-out queries (never trained on: every
+iteration splits the same queries with the same seed). Results go to checkpoints/<name>-pursuit/pursuit.json
+after each iteration, so a killed run resumes where it stopped: generation and bake resume themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from . import model as models
+from .baked import load_baked
+from .data import Row
+from .evaluate import eval_contexts, sample, texts_of
+from .generate import generate
+from .io import read_json, write_json
+from .lineage import BAKE_CONFIG
+from .metrics import kl_and_agreement, marker_rate
+from .teacher import build_examples
+from .train import bake
+
+
+def iteration_name(cfg, i: int) -> str:
+    return f"{cfg.name}-pursuit-{i}"
+
+
+def bake_iteration(cfg, i: int, parent: str) -> Path:
+    """Generates the iteration's data from its teacher and bakes it; both resume, a finished one is kept."""
+    icfg = dataclasses.replace(cfg, name=iteration_name(cfg, i), init_from=parent, resume=True)
+    final = Path(cfg.checkpoint_dir) / icfg.name / "final"
+    if (final / BAKE_CONFIG).exists():
+        print(f"pursuit iteration {i}: {final} exists, kept")
+        return final
+    print(f"\n=== pursuit iteration {i}: teacher = {parent or 'the base model'} with the prompt")
+    generate(icfg)
+    return bake(icfg)
+
+
+@dataclasses.dataclass
+class Reference:
+    """The original prompted base on the evaluation queries: its sampled answers are the KL rows."""
+    base: object
+    tokenizer: object
+    contexts: list
+    examples: list
+    rates: dict
+
+
+def reference(cfg, first: Path, queries: str | None, samples: int) -> Reference:
+    info = read_json(first / BAKE_CONFIG)
+    system = info["targets"][0]["system_prompt"]
+    base, tokenizer, _, _ = models.load(dataclasses.replace(cfg, init_from=""))
+    contexts, _ = eval_contexts(first, queries, info["targets"][0]["name"])
+    n = cfg.eval_max_new_tokens
+    prompted = sample(base, tokenizer, contexts, system, n, samples, cfg.seed)
+    rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(prompted, 1)]
+    examples, _ = build_examples(rows, tokenizer, system, "", cfg.max_seq_len, True, "pursuit queries")
+    plain = texts_of(tokenizer, sample(base, tokenizer, contexts, None, n, samples, cfg.seed))
+    rates = {"base": marker_rate(plain, cfg.markers, cfg.marker_regex),
+             "prompted": marker_rate(texts_of(tokenizer, prompted), cfg.markers, cfg.marker_regex)}
+    return Reference(base, tokenizer, contexts, examples, rates)
+
+
+def measure(cfg, final: Path, ref: Reference, samples: int) -> dict:
+    """The chained model without the prompt (and re-prompted) against the original prompted base."""
+    model, tokenizer, info = load_baked(final, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
+    system = info["targets"][0]["system_prompt"]
+    n = cfg.eval_max_new_tokens
+    baked = texts_of(tokenizer, sample(model, tokenizer, ref.contexts, None, n, samples, cfg.seed))
+    reprompted = texts_of(tokenizer, sample(model, tokenizer, ref.contexts, system, n, samples, cfg.seed))
+    kl, agree = kl_and_agreement(model, ref.examples, tokenizer.pad_token_id, teacher_model=ref.base)
+    return {"checkpoint": str(final), "adherence": marker_rate(baked, cfg.markers, cfg.marker_regex),
+            "adherence_reprompted": marker_rate(reprompted, cfg.markers, cfg.marker_regex),
+            "kl_to_prompted_base": kl, "top1_agreement": agree, "example": baked[0] if baked else ""}
+
+
+def plot(state: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = state["iterations"]
+    x = [it["iteration"] for it in its]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [it["adherence"] or 0 for it in its], "o-", color="tab:red", label="baked, no prompt")
+    ax.plot(x, [it["adherence_reprompted"] or 0 for it in its], "s:", color="tab:orange", label="baked + prompt")
+    ax.axhline(state["reference"]["prompted"] or 0, color="gray", ls="--", label="base + prompt")
+    ax.set_xlabel("pursuit iteration")
+    ax.set_ylabel("adherence (marker rate)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(x)
+    ax2 = ax.twinx()
+    ax2.plot(x, [it["kl_to_prompted_base"] for it in its], "^-", color="tab:blue", label="KL to base + prompt")
+    ax2.set_ylabel("KL to the prompted base", color="tab:blue")
+    fig.legend(loc="lower right", fontsize=8)
+    ax.set_title("Prompt Pursuit")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def stopped_rising(its: list[dict], min_gain: float) -> bool:
+    if len(its) < 2 or its[-1]["adherence"] is None or its[-2]["adherence"] is None:
+        return False
+    return its[-1]["adherence"] - its[-2]["adherence"] <= min_gain
+
+
+def pursue(cfg, iterations: int, queries: str | None = None, samples: int = 3, min_gain: float = 0.0) -> dict:
+    """Runs (or resumes) up to `iterations` iterations; stops early once adherence stops rising."""
+    group = Path(cfg.checkpoint_dir) / f"{cfg.name}-pursuit"
+    group.mkdir(parents=True, exist_ok=True)
+    state_path = group / "pursuit.json"
+    state = read_json(state_path) if state_path.exists() else {"iterations": []}
+    done = {it["iteration"]: it for it in state["iterations"]}
+    ref, parent = None, cfg.init_from
+    for i in range(1, iterations + 1):
+        final = bake_iteration(cfg, i, parent)
+        if i not in done:
+            if ref is None:
+                ref = reference(cfg, Path(cfg.checkpoint_dir) / iteration_name(cfg, 1) / "final", queries, samples)
+                state["reference"] = ref.rates
+            done[i] = {"iteration": i, **measure(cfg, final, ref, samples)}
+            state["iterations"] = [done[k] for k in sorted(done)]
+            write_json(state_path, state)
+        it = done[i]
+        print(f"pursuit {i}/{iterations} | adherence {it['adherence']} | re-prompted {it['adherence_reprompted']} | "
+              f"KL to the prompted base {it['kl_to_prompted_base']:.4f} | prompted base {state['reference']['prompted']}")
+        state["plot"] = str(plot(state, group / "pursuit.png"))
+        write_json(state_path, state)
+        if stopped_rising(state["iterations"][:i], min_gain):
+            print(f"adherence stopped rising at iteration {i}: stopping")
+            break
+        parent = str(final)
+    print(f"wrote {state_path} and {group / 'pursuit.png'}")
+    return state

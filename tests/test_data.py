@@ -62,7 +62,7 @@ def test_paired_mode_needs_assistant(tmp_path):
     from promptbake.train import _answered_rows
 
     with pytest.raises(UserError, match=r"d.jsonl:2: the row has no assistant turn, but others do"):
-        _answered_rows(None, {"rows": load_rows(f), "data": str(f)}, None, None)
+        _answered_rows(None, {"rows": load_rows(f), "data": str(f)}, None, None, "")
 
 
 def test_multi_turn_trains_only_last_assistant(tmp_path):

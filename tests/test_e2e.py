@@ -44,7 +44,7 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     result = json.loads((final / "eval.json").read_text())
     for key in ("kl_before", "kl_after", "kl_ratio", "top1_agreement_before", "top1_agreement_after", "adherence", "sweep"):
         assert key in result
-    assert set(result["adherence"]) == {"base", "prompted", "baked"}
+    assert set(result["adherence"]) == {"base", "prompted", "baked", "baked_reprompted"}
     assert result["kl_after"] < result["kl_before"]
     sweep = {p["strength"]: p["kl"] for p in result["sweep"]}
     assert sweep[0.0] == pytest.approx(result["kl_before"], rel=1e-4)

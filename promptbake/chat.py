@@ -8,6 +8,8 @@ appended unchanged, so the response sits at the end of both sequences.
 
 from __future__ import annotations
 
+import weakref
+
 
 def render_prompt_ids(tokenizer, context: list[dict], system: str | None) -> list[int]:
     messages = ([{"role": "system", "content": system}] if system else []) + list(context)
@@ -16,13 +18,45 @@ def render_prompt_ids(tokenizer, context: list[dict], system: str | None) -> lis
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, id), ours not its
+_PROBE = "Zq7wPONG"  # an assistant message no template changes
+
+
 def end_of_turn_id(tokenizer) -> int:
-    """The token the model emits to end its turn (<|im_end|> for ChatML models)."""
-    return tokenizer.eos_token_id
+    """The token the model emits to end its turn, read from its chat template: the first special token the
+    template writes after an assistant message (<|im_end|> for ChatML, <|eot_id|> for Llama 3, <end_of_turn>
+    for Gemma, <|end|> for Phi-3, </s> for Mistral). Often not the tokenizer's eos (Gemma's eos is <eos>).
+    The tokenizer's eos when the template writes none."""
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is not None and cached[0] == tokenizer.chat_template:
+        return cached[1]
+    found = _end_of_turn_from_template(tokenizer)
+    eot = found if found is not None else tokenizer.eos_token_id
+    _END_OF_TURN[tokenizer] = (tokenizer.chat_template, eot)
+    return eot
+
+
+def _end_of_turn_from_template(tokenizer) -> int | None:
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    for extra in ([], [{"role": "user", "content": "Again"}]):  # some templates close a turn only before the next
+        try:
+            text = tokenizer.apply_chat_template(turns + extra, tokenize=False, enable_thinking=False)
+        except Exception:  # noqa: BLE001 - a template may refuse this conversation; then eos it is
+            continue
+        if _PROBE not in text:
+            continue
+        after = text.split(_PROBE, 1)[1].split("Again", 1)[0]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+        first = next((i for i in ids if i in special), None)
+        if first is not None:
+            return first
+    return None
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:
-    ids = {tokenizer.eos_token_id}
+    """Every token that ends a generated turn: the template's end-of-turn, the tokenizer's and the model's eos."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     return sorted(i for i in ids if i is not None)

@@ -22,10 +22,42 @@ ATTENTION = "sdpa_shared_prefix"
 MIN_SHARED = 4  # shorter common prefixes are not worth a second pass
 
 
+class Head:
+    """The model's output layer as the package uses it: lm_head, then the final logit soft-cap where the model
+    has one (Gemma 2: cap * tanh(logits / cap), in fp32). Every logit computed from hidden states goes through
+    it, and the chunked loss applies the same cap (`loss.head_loss`)."""
+
+    def __init__(self, linear, softcap: float | None = None):
+        self.linear, self.softcap = linear, softcap
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return getattr(self.linear, "bias", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return softcap_logits(self.linear(hidden), self.softcap)
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) in fp32 (the logits unchanged when there is no cap)."""
+    if not cap:
+        return logits
+    return torch.tanh(logits.float() / cap) * cap
+
+
+def final_softcap(config) -> float | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
 def backbone_and_head(model):
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = m.model if hasattr(m, "model") else m.get_decoder()
-    return backbone, m.get_output_embeddings()
+    return backbone, Head(m.get_output_embeddings(), final_softcap(m.config))
 
 
 def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +81,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks")) or dropout:
-        raise NotImplementedError("sliding window / softcapping / attention sinks / dropout not supported")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"attention logits soft-capped at {kwargs['softcap']} (Gemma 2), which sdpa cannot do")
+    if any(kwargs.get(k) is not None for k in ("s_aux", "sinks")) or dropout:
+        raise NotImplementedError("attention sinks / dropout not supported")
     prefix_k, prefix_v = shared_prefix.layers[module.layer_idx]
     batch, _, width, _ = query.shape
     # One layer's prefix is broadcast into the batch here and freed after the layer, never the whole cache:
@@ -58,12 +92,28 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     key = torch.cat([prefix_k.unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
     value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
     allowed = _allowed(attention_mask, width, query.device).expand(batch, -1, -1, -1)
-    mask = torch.cat([allowed.new_ones(batch, 1, width, prefix_k.shape[1]), allowed], dim=-1)
+    to_prefix = _prefix_columns(kwargs, len(shared_prefix.ids), prefix_k.shape[1], batch, width, query.device)
+    mask = torch.cat([to_prefix, allowed], dim=-1)
     if query.device.type == "cpu":  # the CPU kernel takes a mask and grouped kv heads without repeating them
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                                enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+
+
+def _prefix_columns(kwargs, prefix_len: int, n_keys: int, batch: int, width: int, device) -> torch.Tensor:
+    """[B, 1, T, n_keys] bool: which prefix keys each row position sees. All of them, except in a sliding-window
+    layer, where a query at position p sees key position j while p - j < window (transformers' convention). A
+    sliding layer's cache may keep only the prefix's last keys: they sit at positions prefix_len - n_keys on."""
+    window = kwargs.get("sliding_window")
+    if window is None:
+        return torch.ones(batch, 1, width, n_keys, dtype=torch.bool, device=device)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        raise NotImplementedError("sliding window without position ids")
+    key_positions = torch.arange(prefix_len - n_keys, prefix_len, device=device)
+    near = positions.to(device)[:, None, :, None] - key_positions < window
+    return near.expand(batch, -1, width, -1)
 
 
 def _allowed(attention_mask, width: int, device) -> torch.Tensor:
@@ -136,7 +186,9 @@ def enable_shared_prefix(model) -> PrefixDecision:
 def _decide(model) -> PrefixDecision:
     base, dtype = _base(model), _dtype(model)
     if base.config._attn_implementation not in ("sdpa", ATTENTION):
-        return PrefixDecision(False, dtype, f"attention implementation is {base.config._attn_implementation}")
+        cap = getattr(base.config.get_text_config(), "attn_logit_softcapping", None)
+        why = f" (attention logits soft-capped at {cap}, which sdpa cannot do)" if cap else ""
+        return PrefixDecision(False, dtype, f"attention implementation is {base.config._attn_implementation}{why}")
     if getattr(base.config, "attention_dropout", 0.0):  # the probe runs in eval mode, where it would not show
         return PrefixDecision(False, dtype, "attention dropout not supported")
     _register()
@@ -159,8 +211,11 @@ def _probe(model) -> tuple[float, float]:
     run alone (at least one ulp of the largest logit). Run in eval mode: dropout would be noise too."""
     vocab = backbone_and_head(model)[1].weight.shape[0]
     g = torch.Generator().manual_seed(0)
+    # Rows longer than a small sliding window, so the probe crosses it (prefix keys drop out of view).
+    window = getattr(_base(model).config.get_text_config(), "sliding_window", None) or 0
+    longer = window if window <= 64 else 0
     common = torch.randint(0, vocab, (6,), generator=g).tolist()
-    seqs = [common + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (12, 9, 5)]
+    seqs = [common + torch.randint(0, vocab, (n + longer,), generator=g).tolist() for n in (12, 9, 5)]
     n_response = [3] * len(seqs)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

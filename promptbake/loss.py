@@ -74,16 +74,18 @@ class _HeadLoss(torch.autograd.Function):
     """Sum over positions of per_token(log_softmax(head(hidden))[ids], logprobs), with the [N, V] logits made and
     dropped CHUNK positions at a time. The head is frozen, so the gradient wrt `hidden` is all the backward
     needs: it is computed here, chunk by chunk, and only scaled in backward. One copy of this code serves every
-    objective (forward KL off-policy, reverse KL or JSD on-policy), so their numerics cannot drift apart."""
+    objective (forward KL off-policy, reverse KL or JSD on-policy), so their numerics cannot drift apart.
+    `softcap`: the model's final logit soft-cap (Gemma 2), applied to each chunk's logits as the model does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk, per_token):
+    def forward(ctx, hidden, weight, bias, ids, logprobs, chunk, per_token, softcap):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         for c in range(0, len(hidden), chunk):
             with torch.enable_grad():
                 logits = torch.nn.functional.linear(hidden[c:c + chunk], weight, bias).float().requires_grad_()
-                loss = per_token(log_probs_at(logits, ids[c:c + chunk]), logprobs[c:c + chunk]).sum()
+                capped = torch.tanh(logits / softcap) * softcap if softcap else logits
+                loss = per_token(log_probs_at(capped, ids[c:c + chunk]), logprobs[c:c + chunk]).sum()
                 (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
             grad_hidden[c:c + chunk] = grad_logits.to(weight.dtype) @ weight
@@ -93,25 +95,32 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None, None
 
 
-def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+def head_loss(hidden: torch.Tensor, head, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
               per_token, chunk: int) -> torch.Tensor:
-    """Mean over the N positions of per_token(...) from hidden states [N, d] through a frozen linear head."""
+    """Mean over the N positions of per_token(...) from hidden states [N, d] through a frozen linear head
+    (a `forward.Head`, whose final soft-cap is applied, or a plain nn.Linear)."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        total = _HeadLoss.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, per_token)
+        total = _HeadLoss.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, per_token,
+                                getattr(head, "softcap", None))
     else:
         total = sum(per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
                               teacher_logprobs[c:c + chunk]).sum() for c in range(0, len(hidden), chunk))
     return total / max(len(hidden), 1)
 
 
+def _frozen_linear(head) -> bool:
+    linear = getattr(head, "linear", head)  # a forward.Head wraps the model's lm_head
+    return isinstance(linear, torch.nn.Linear) and not linear.weight.requires_grad
+
+
 def head_topk_kl_with_tail(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
                            teacher_logprobs: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """topk_kl_with_tail(head(hidden), ...) averaged over all N positions (hidden [N, d]), without ever
     holding the [N, V] logits or their gradient: at V = 49k-152k those are the largest tensors of a step."""
-    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
+    if not _frozen_linear(head):  # a trained head: plain autograd
         return topk_kl_with_tail(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)))
     return head_loss(hidden, head, teacher_ids, teacher_logprobs, topk_tail_kl_per_token, chunk)
 
@@ -173,7 +182,7 @@ def head_topk_divergence(hidden: torch.Tensor, head: torch.nn.Module, teacher_id
                          teacher_logprobs: torch.Tensor, beta: float = 1.0, chunk: int = 128) -> torch.Tensor:
     """topk_divergence(head(hidden), ...) averaged over all N positions (hidden [N, d]), never holding the
     [N, V] logits or their gradient (see head_topk_kl_with_tail)."""
-    if not isinstance(head, torch.nn.Linear) or head.weight.requires_grad:  # a trained head: plain autograd
+    if not _frozen_linear(head):  # a trained head: plain autograd
         return topk_divergence(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)), beta)
     return head_loss(hidden, head, teacher_ids, teacher_logprobs,
                      functools.partial(coarse_divergence_per_token, beta=beta), chunk)

@@ -8,6 +8,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -100,12 +102,37 @@ def test_probe_that_differs_falls_back_and_says_why(monkeypatch, capsys):
 
 @pytest.mark.parametrize("make, reason", [
     (lambda: tiny(attn="eager"), "attention implementation is eager"),
-    (lambda: tiny(MistralForCausalLM, MistralConfig, sliding_window=4), "sliding window"),
-    (lambda: tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=8, attn="eager"), "attention implementation is eager"),
+    (lambda: tiny(Gemma2ForCausalLM, Gemma2Config, head_dim=8, attn="eager"),
+     "attention implementation is eager (attention logits soft-capped at 50.0, which sdpa cannot do)"),
     (lambda: tiny(attention_dropout=0.1), "attention dropout not supported"),
-], ids=["eager", "sliding-window", "gemma2-softcapping", "attention-dropout"])
+], ids=["eager", "gemma2-softcapping", "attention-dropout"])
 def test_unsupported_attention_falls_back_and_says_why(make, reason, capsys):
     assert_falls_back_to_full_rows(make(), capsys, reason)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny(MistralForCausalLM, MistralConfig, sliding_window=4),
+    lambda: tiny(Gemma3ForCausalLM, Gemma3TextConfig, head_dim=8, sliding_window=5,
+                 layer_types=["sliding_attention", "full_attention"]),
+], ids=["mistral-window-4", "gemma3-window-5"])
+def test_sliding_window_rows_see_only_the_prefix_keys_in_their_window(make):
+    """Rows of 12-18 tokens over a window of 4-5: most prefix keys are out of a row's view, as in a full row."""
+    model = make()
+    seqs, n = rows()
+    assert enable_shared_prefix(model).enabled
+    prefix = forward.shared_prefix(model, seqs[0][:8])
+    with torch.inference_mode():
+        want = each_row_alone(model, seqs, n)
+        for got in (response_hidden(model, seqs, n, 0), response_hidden(model, seqs, n, 0, prefix=prefix)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and the window matters here: the same rows with every prefix key in view give other states
+    wide = forward._prefix_columns
+    forward._prefix_columns = lambda kwargs, *a: wide({}, *a)
+    try:
+        with torch.inference_mode():
+            assert (response_hidden(model, seqs, n, 0, prefix=prefix) - want).abs().max() > 1e-3
+    finally:
+        forward._prefix_columns = wide
 
 
 def test_a_new_dtype_is_decided_again(capsys):

@@ -10,12 +10,43 @@ from __future__ import annotations
 
 import weakref
 
+from jinja2.exceptions import TemplateError
+
+from .errors import UserError
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizers whose template refused a system turn
+
 
 def render_prompt_ids(tokenizer, context: list[dict], system: str | None) -> list[int]:
+    """[system?, *context] through the model's template, with the generation prompt. A template that refuses a
+    system turn (Gemma 2: "System role not supported") gets the prompt at the start of the first user turn, as
+    Gemma 3's own template puts it; any other refusal stops with the template's reason."""
     messages = ([{"role": "system", "content": system}] if system else []) + list(context)
-    # enable_thinking=False: Qwen3-style templates emit an empty think block; others ignore the flag.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    try:
+        text = _render(tokenizer, messages)
+    except TemplateError as e:
+        if not system or not context or context[0]["role"] != "user":
+            raise _refused(tokenizer, e) from None
+        folded = [{"role": "user", "content": f"{system}\n\n{context[0]['content']}"}, *context[1:]]
+        try:
+            text = _render(tokenizer, folded)
+        except TemplateError:
+            raise _refused(tokenizer, e) from None
+        if tokenizer not in _FOLDED:
+            _FOLDED[tokenizer] = True
+            print(f"note: the chat template of {tokenizer.name_or_path} refuses a system turn ({e}); the system "
+                  f"prompt is put at the start of the first user turn instead", flush=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    # enable_thinking=False: Qwen3-style templates emit an empty think block; others ignore the flag.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def _refused(tokenizer, e: Exception) -> UserError:
+    return UserError(f"{tokenizer.name_or_path}: the chat template refuses this conversation: {e}; fix the row "
+                     f"(most templates need user and assistant turns to alternate) or the template")
 
 
 _END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, id), ours not its

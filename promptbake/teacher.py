@@ -25,7 +25,7 @@ from .forward import SharedPrefix, common_prefix_len, enable_shared_prefix, resp
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the final logit soft-cap (Gemma 2) applied to the teacher's logits
 SHARD_ROWS = 64
 
 
@@ -174,8 +174,9 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
             print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
         # The head every row opens with (system turn and template), over all rows so a resumed shard
         # is computed exactly as in a build from scratch.
+        decision = enable_shared_prefix(model)
         prefix_len = common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
-            if enable_shared_prefix(model).enabled else 0
+            if decision.enabled else 0
         with torch.inference_mode():
             prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
         t0 = time.time()
@@ -186,8 +187,9 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
             _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
         bar.close()
         dt = time.time() - t0
-        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | "
-              f"shared prefix of {prefix_len} tokens computed once")
+        shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
+            f"no shared prefix: {decision.reason or 'the rows open with no common tokens'}"
+        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}")
     parts = [loaded[s] for s, _ in shards]
     offsets = [torch.zeros(1, dtype=torch.long)]
     total = 0

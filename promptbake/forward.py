@@ -9,6 +9,8 @@ once as a batch-of-one prefix, and the rows attend to its keys and values (`Shar
 teacher that is the system prompt, once for the whole cache; for the student it is the batch's common
 prefix, recomputed each step with gradients. `enable_shared_prefix` checks the result against a plain
 forward on the model at hand, in its dtype, falls back to full rows where it differs, and says which.
+In sliding-window layers (Gemma 3, Mistral v0.1, Phi-3) a row sees only the prefix keys inside its window;
+attention soft-capping (Gemma 2, eager attention) is not in sdpa, so such models run full rows.
 """
 
 from __future__ import annotations

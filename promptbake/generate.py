@@ -255,6 +255,11 @@ def rows_done(cfg, out: Path, meta_path: Path, settings: dict) -> set:
         changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
         raise UserError(f"{out} was made with other settings ({', '.join(changed) or 'unknown'} differ); "
                         f"rerun with --overwrite to replace it, or pick another --name")
+    if b"\n" not in out.read_bytes().strip():  # killed before or while writing its first row
+        try:
+            return {r.key for r in load_rows(str(out))}
+        except UserError:
+            return set()
     return {r.key for r in load_rows(str(out))}
 
 

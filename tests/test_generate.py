@@ -31,6 +31,14 @@ def test_local_backend_writes_rows_without_system_and_resumes(workdir, tiny_mode
     assert "resuming: 5 of 8 rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("left", [b"", b'{"messages": [{"role": "us'])
+def test_resumes_a_run_killed_before_its_first_row(workdir, tiny_model_dir, left):
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4)
+    out = generate(cfg)
+    out.write_bytes(left)  # the data file exists (with the meta) but holds no complete row
+    assert len(rows_of(generate(cfg))) == 2
+
+
 def test_changed_settings_refused_unless_overwrite(workdir, tiny_model_dir):
     cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4)
     generate(cfg)

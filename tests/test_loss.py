@@ -233,7 +233,8 @@ def test_reverse_kl_bounded_by_zero_and_full_reverse_kl(seed):
     full_reverse = full_kl(student, teacher, mask).item()  # KL(q || p): the student's logits in the first slot
     for k in (1, 3, 10, 50, 99):
         ids, lp = teacher_topk(teacher, k)
-        assert -1e-6 <= topk_divergence(student, ids, lp, mask).item() <= full_reverse + 1e-5
+        # fp32 sums in a thread-count-dependent order: a relative tolerance, as for K = V below
+        assert -1e-6 <= topk_divergence(student, ids, lp, mask).item() <= full_reverse * (1 + 1e-4) + 1e-6
     ids, lp = teacher_topk(teacher, 100)
     assert topk_divergence(student, ids, lp, mask).item() == pytest.approx(full_reverse, rel=1e-4)
 

@@ -101,11 +101,21 @@ def setup(device: str, timeout_s: float) -> World:
                             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({str(e).splitlines()[0][:160]})"
                             f"; check MASTER_ADDR/MASTER_PORT, or start with torchrun --standalone") from None
     _world = w
-    if not w.main:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        os.environ["TQDM_DISABLE"] = "1"
+    quiet_unless_main()
     signal.signal(signal.SIGTERM, _stopped_by_launcher)
     return w
+
+
+def quiet_unless_main(environ=None) -> None:
+    """Ranks other than 0 print nothing to stdout and show no progress bars; errors still reach stderr.
+    Scripts call it first thing, so even their start-up lines come once."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RANK", "0") in ("", "0") or getattr(sys.stdout, "name", None) == os.devnull:
+        return
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _stopped_by_launcher(signum, frame):

@@ -187,7 +187,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
             prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
         t0 = time.time()
         n_tokens = sum(e.n_response for _, ex in mine for e in ex)
-        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
+        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)
         for s, ex in mine:
             loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
             _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])

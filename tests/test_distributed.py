@@ -154,7 +154,7 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path, embedded_dir):
     # killed after step 1: --resume under torchrun continues from step-1 and ends on the same adapter
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "step-2")
-    out = torchrun(ROOT / "bake.py", *ARGS, "--resume", cwd=two)
+    out = torchrun(ROOT / "tests" / "dist_bake.py", *ARGS, "--resume", cwd=two)
     assert "resumed from" in out and "step-1 at step 1/2" in out and "teacher cache: reusing" in out
     assert train_steps(run) == [1, 2]
     assert max_gap(adapter(one / "checkpoints" / "default" / "final"), adapter(run / "final")) < TOL

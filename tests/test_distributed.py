@@ -136,7 +136,7 @@ def train_steps(run_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_and_resume(tmp_path, embedded_dir):
+def test_torchrun_and_accelerate_two_processes_match_one_and_resume(tmp_path, embedded_dir):
     one, two = project(tmp_path, "one"), project(tmp_path, "two")
     # Same threads per process as torchrun gives each rank (OMP_NUM_THREADS=1), so the timings compare too.
     script("bake.py", *ARGS, cwd=one, OMP_NUM_THREADS="1")
@@ -158,6 +158,17 @@ def test_torchrun_two_processes_match_one_and_resume(tmp_path, embedded_dir):
     assert "resumed from" in out and "step-1 at step 1/2" in out and "teacher cache: reusing" in out
     assert train_steps(run) == [1, 2]
     assert max_gap(adapter(one / "checkpoints" / "default" / "final"), adapter(run / "final")) < TOL
+
+    # accelerate launch runs the same script the same way (on CPU its --multi_gpu launcher is torchrun's, with gloo)
+    acc = project(tmp_path, "acc")
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "bake.py"),
+                        *ARGS], cwd=acc, env=env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "4 rows per step over 2 processes" in p.stdout
+    gap = max_gap(adapter(one / "checkpoints" / "default" / "final"), adapter(acc / "checkpoints" / "default" / "final"))
+    print(f"max |adapter gap| 1 process vs accelerate launch with 2: {gap:.2e}")
+    assert gap < TOL
 
 
 def start(cmd, cwd, **extra):

@@ -12,12 +12,13 @@ to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY). Set
 
 from promptbake.cli import main_guard
 from promptbake.config import parse_args, to_dict
-from promptbake.distributed import quiet_unless_main
+from promptbake.distributed import quiet_unless_main, refuse_fsdp
 from promptbake.train import bake
 
 
 def main():
     quiet_unless_main()  # under torchrun / accelerate launch, rank 0 alone prints
+    refuse_fsdp()
     cfg, _ = parse_args()
     print("config:", to_dict(cfg))
     bake(cfg)

@@ -189,6 +189,8 @@ def refuse_fsdp(environ=None) -> None:
     """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; bake.py does not shard the base model yet."""
     environ = os.environ if environ is None else environ
     if str(environ.get("ACCELERATE_USE_FSDP", "")).lower() in ("1", "true", "yes"):
+        if environ.get("RANK", "0") not in ("", "0"):
+            raise SystemExit(1)  # rank 0 says why, once
         raise UserError("FSDP is not implemented in bake.py yet (ACCELERATE_USE_FSDP is set by the accelerate config): "
                         "use data parallelism (torchrun, or accelerate launch --multi_gpu) with a model that fits one "
                         "GPU in bf16; see README 'Bigger models, more GPUs'")

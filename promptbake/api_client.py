@@ -150,7 +150,10 @@ class ChatClient:
         key = api_key if api_key is not None else api_key_for(base_url)
         self.secrets = [key, *url_secrets(base_url)]  # what redact() must hide beyond the env keys
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
+        # One connection per request in flight: httpx's default pool (100 connections, 20 kept alive) would queue
+        # requests past 100 and reopen connections past 20, whatever --concurrency says.
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport, limits=limits)
         self.limit = asyncio.Semaphore(concurrency)
         self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
         self.stats = Stats()

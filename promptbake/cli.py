@@ -12,7 +12,11 @@ def main_guard(fn):
     try:
         fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import world  # under torchrun, say which rank failed
+
+        w = world()
+        rank = f"rank {w.rank}: " if w.enabled and not str(e).startswith("rank ") else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -117,6 +117,8 @@ class Config:
     seed: int = num(0, 0, 2**32 - 1)
     resume: bool = False  # continue checkpoints/<name>/ from its last step-N
     verify_queries: int = num(3, 0, 1000)  # held-out queries answered at the end of bake.py
+    # ---- several processes (torchrun / accelerate launch; see promptbake/distributed.py)
+    dist_timeout: float = num(1800.0, 10, 86400)  # seconds a rank waits for the others before it stops with an error
     # ---- on-policy stage (after the epochs): the student answers training queries without the prompt, the
     # prompted base scores its tokens, and it trains on the divergence there. Off by default: on the embedded
     # model it cost about twice the bake's time for +2 points of KL cut and a lower persona rate (benchmarks/levers.py)

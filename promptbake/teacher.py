@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat import render_prompt_ids, response_ids_from_text
+from .distributed import SINGLE, World, barrier
 from .errors import UserError
 from .forward import SharedPrefix, common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
 from .io import atomic_write_bytes
@@ -160,18 +161,23 @@ def teacher_topk_rows(model, examples: list[Example], prefix: SharedPrefix | Non
             "logprobs": torch.cat([r[1] for r in per_row]).half()}
 
 
-def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int) -> TeacherTopK:
-    """Loads the cached teacher top-K for these examples, computing only the shards that are missing."""
+def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int,
+                  world: World = SINGLE) -> TeacherTopK:
+    """Loads the cached teacher top-K for these examples, computing only the shards that are missing.
+    Under several processes the ranks split the missing shards, each writes its own, and all read every shard."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
     loaded = {s: _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k) for s, ex in shards}
+    if world.enabled:
+        barrier()  # every rank has looked before any writes: they agree on what is missing
     missing = [(s, ex) for s, ex in shards if loaded[s] is None]
+    mine = world.share(missing)
     if not missing:
         print(f"teacher cache: reusing {cache_dir} ({len(examples)} rows)")
-    else:
-        if len(missing) < len(shards):
-            print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
+    elif len(missing) < len(shards):
+        print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
+    if mine:
         # The head every row opens with (system turn and template), over all rows so a resumed shard
         # is computed exactly as in a build from scratch.
         decision = enable_shared_prefix(model)
@@ -180,16 +186,25 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         with torch.inference_mode():
             prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
         t0 = time.time()
-        n_tokens = sum(e.n_response for _, ex in missing for e in ex)
-        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok")
-        for s, ex in missing:
+        n_tokens = sum(e.n_response for _, ex in mine for e in ex)
+        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)
+        for s, ex in mine:
             loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
             _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
         bar.close()
         dt = time.time() - t0
         shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
             f"no shared prefix: {decision.reason or 'the rows open with no common tokens'}"
-        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}")
+        ranks = f" | {len(mine)}/{len(missing)} shards on rank {world.rank} of {world.size}" if world.enabled else ""
+        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}{ranks}")
+    if world.enabled and missing:
+        barrier()  # every rank's shards are written
+        for s, ex in missing:
+            if loaded[s] is None:
+                loaded[s] = _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k)
+            if loaded[s] is None:
+                raise UserError(f"teacher cache: {cache_dir}/shard-{s:07d}.pt, written by another rank, is missing or "
+                                f"corrupt here: data_dir must be on a filesystem every rank shares")
     parts = [loaded[s] for s, _ in shards]
     offsets = [torch.zeros(1, dtype=torch.long)]
     total = 0

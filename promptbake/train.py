@@ -23,10 +23,12 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .baked import BAKE_CONFIG, load_start, model_config_sha256, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
+from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, response_hidden, token_pieces
 from .generate import check_data_dir, decode_response, generate, generate_ids
@@ -34,6 +36,7 @@ from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256
 from .locks import run_lock
 from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
+from .model import pick_device
 from .onpolicy import onpolicy_stage
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
@@ -44,7 +47,7 @@ CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
                      "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
-                     "model_cache_dir", "overwrite"}
+                     "model_cache_dir", "overwrite", "dist_timeout"}
 # Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
 DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
                  "training_prompts", "generate_queries", "num_queries", "samples_per_query", "temperatures",
@@ -88,6 +91,9 @@ def _answered_rows(cfg, spec, model, tokenizer, model_path: str):
     rows = spec["rows"]
     if all(r.response is not None for r in rows):
         return rows, spec["data"]
+    if distributed.world().enabled:
+        raise UserError(f"{spec['data']} holds prompts only; with several processes, answer them first with "
+                        f"`python generate_data.py --prompts {spec['data']}` (one process), then bake")
     if any(r.response is not None for r in rows):
         bad = next(r for r in rows if r.response is None)
         raise UserError(f"{spec['data']}:{bad.line}: the row has no assistant turn, but others do; paired data "
@@ -131,7 +137,7 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
     key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
                     tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
     teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
-                            cfg.teacher_batch_size)
+                            cfg.teacher_batch_size, distributed.world())
     check_alignment(examples, teacher, tokenizer, data_file)
     train, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
     print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
@@ -293,6 +299,7 @@ class Trainer:
     total_steps: int = 0
     last_good: Path | None = None
     timings: dict = field(default_factory=dict)
+    world: World = SINGLE  # this process's rank among the launcher's processes
 
     @property
     def pad_id(self) -> int:
@@ -316,7 +323,7 @@ def prepare(cfg, run_dir: Path) -> Trainer:
     targets = [prepare_target(cfg, spec, base, tokenizer, model_path) for spec in specs]
     timings["teacher_cache_s"] = time.time() - t0
     info = bake_info(cfg, targets, model_path, base, lineage)
-    return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings)
+    return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings, world=distributed.world())
 
 
 def claim_run_dir(run_dir: Path, resume_from: Path | None) -> None:
@@ -370,15 +377,19 @@ def restore(tr: Trainer, resume_from: Path) -> None:
 
 
 def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
-    """One optimizer step over these micro-batches: token-weighted mean loss, clipped gradient."""
+    """One optimizer step over these micro-batches: token-weighted mean loss, clipped gradient.
+    Under several processes each rank runs its share of every micro-batch, weighted by the global token count,
+    and the gradients and the loss are summed over ranks: the same step as one process would take."""
     lengths = {ti: [len(e.student_ids) for e in tr.targets[ti].examples] for ti, _ in micro}
     total_tokens = sum(tr.targets[ti].examples[r].n_response for ti, rows in micro for r in rows)
     step_loss = 0.0
     for ti, rows in micro:
-        for piece in token_pieces(rows, lengths[ti], tr.max_batch_tokens):
+        mine = tr.world.share(rows)
+        for piece in token_pieces(mine, lengths[ti], tr.max_batch_tokens) if mine else []:
             loss, n = batch_loss(tr.model, tr.targets[ti], piece, tr.pad_id)
             (loss * n / total_tokens).backward()
             step_loss += loss.item() * n / total_tokens
+    (step_loss,) = distributed.all_reduce_grads(tr.params, step_loss)
     if not math.isfinite(step_loss):
         raise UserError(f"the loss is {step_loss} at step {tr.step + 1}; stopped without saving it. The last good "
                         f"checkpoint is {tr.last_good or 'none (no step saved yet)'}; lower --learning_rate")
@@ -411,11 +422,13 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
             print(f"step {tr.step:4d}/{tr.total_steps} | train/kl {row['train/kl']:.4f} | train/lr {row['train/lr']:.2e} | "
                   f"train/grad_norm {row['train/grad_norm']:.3f} | train/tokens_per_s {row['train/tokens_per_s']:.0f} | "
                   f"{dt * 1000:.0f} ms", flush=True)
-        if tr.step % cfg.save_steps == 0 or s == tr.steps_per_epoch - 1:
+        if tr.world.main and (tr.step % cfg.save_steps == 0 or s == tr.steps_per_epoch - 1):
             save_step(tr)
 
 
 def evaluate_epoch(tr: Trainer, epoch: int) -> None:
+    if not tr.world.main:  # the others wait for it at the next step's all-reduce
+        return
     tr.model.eval()
     kl = eval_topk_kl(tr.model, tr.targets, tr.pad_id, tr.cfg.teacher_batch_size)
     tr.model.train()
@@ -454,31 +467,49 @@ def finish(tr: Trainer) -> Path:
     return final
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def bake(cfg) -> Path:
-    """Trains checkpoints/<name>/final from the data; returns its path."""
+    """Trains checkpoints/<name>/final from the data; returns its path. Under torchrun / accelerate launch every rank
+    calls it: they train together, rank 0 writes (see promptbake/distributed.py)."""
     t_start = time.time()
     cfg = with_parent_model(cfg)
+    distributed.refuse_fsdp()
+    world = distributed.setup(pick_device(cfg.device), cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     run_dir = Path(cfg.checkpoint_dir) / cfg.name
     with ExitStack() as stack:
-        stack.enter_context(run_lock(run_dir, "bake"))
-        resume_from = last_step_checkpoint(run_dir) if cfg.resume else None
+        if world.main:
+            stack.enter_context(run_lock(run_dir, "bake"))
+        resume_from = distributed.broadcast_object(last_step_checkpoint(run_dir) if cfg.resume and world.main else None)
         if cfg.resume and resume_from is None:
             print(f"--resume: no step checkpoint in {run_dir}; starting fresh")
         tr = prepare(cfg, run_dir)
         build_optimizer(tr)
         if resume_from is not None:
             restore(tr, resume_from)
-        claim_run_dir(run_dir, resume_from)
-        write_json(run_dir / BAKE_CONFIG, tr.info)
-        write_held_out(run_dir / HELD_OUT, tr.targets)
-        tr.logger = Logger(cfg, run_dir, to_dict(cfg), resume_step=tr.step if resume_from else None)
-        stack.callback(tr.logger.close)
-        if tr.step == 0:
-            evaluate_before(tr)
+        distributed.broadcast_params(tr.params)  # identical adapters on every rank, whatever their RNG did
+        tr.logger = NullLogger()
+        if world.main:
+            claim_run_dir(run_dir, resume_from)
+            write_json(run_dir / BAKE_CONFIG, tr.info)
+            write_held_out(run_dir / HELD_OUT, tr.targets)
+            tr.logger = Logger(cfg, run_dir, to_dict(cfg), resume_step=tr.step if resume_from else None)
+            stack.callback(tr.logger.close)
+            if tr.step == 0:
+                evaluate_before(tr)
+        ranks = f" over {world.size} processes" if world.enabled else ""
         print(f"training: {tr.total_steps} steps ({cfg.num_epochs} epochs x {tr.steps_per_epoch}), "
-              f"{cfg.batch_size * cfg.grad_accum} rows per step")
+              f"{cfg.batch_size * cfg.grad_accum} rows per step{ranks}")
         tr.model.train()
         while tr.step < tr.total_steps:
             epoch = tr.step // tr.steps_per_epoch
@@ -486,11 +517,17 @@ def bake(cfg) -> Path:
             run_epoch(tr, epoch)
             tr.timings[f"epoch_{epoch + 1}_s"] = time.time() - t0
             evaluate_epoch(tr, epoch)
+        if not world.main:  # rank 0 alone finishes: on-policy stage, final/, evaluation
+            distributed.shutdown()
+            return run_dir / "final"
+        if world.enabled and cfg.onpolicy_steps:
+            print(f"note: the on-policy stage runs on rank 0 alone ({world.size - 1} other rank(s) have finished)")
         tr.timings.update(onpolicy_stage(tr.model, tr.tokenizer, tr.targets, cfg, tr.logger.log, tr.step,
                                          tr.max_batch_tokens))
         final = finish(tr)
         tr.timings["total_s"] = time.time() - t_start
         write_json(run_dir / "timings.json", tr.timings)
+    distributed.shutdown()
     print(f"saved {final} in {tr.timings['total_s']:.0f}s")
     return final
 

@@ -3,6 +3,7 @@ import email.utils
 import time
 
 import httpx
+import orjson
 import pytest
 
 from promptbake import api_client
@@ -176,3 +177,57 @@ def test_plain_text_on_200_retried_then_reported(sleeps):
 def test_query_string_stays_at_the_end_of_the_endpoint(sleeps):
     _, calls, _ = run([200], base_url="http://test/v1/?api-version=2024")
     assert str(calls[0].url) == "http://test/v1/chat/completions?api-version=2024"
+
+
+async def slow_server(delay: float, state: dict):
+    """A keep-alive HTTP/1.1 server on loopback that answers every POST after `delay` seconds, counting the
+    requests in flight at once and the connections opened. (Its listen backlog is larger than asyncio's default of
+    100, which would itself hold connections back.)"""
+
+    async def serve(reader, writer):
+        state["connections"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+                await asyncio.sleep(delay)
+                state["now"] -= 1
+                body = orjson.dumps(OK)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
+
+
+@pytest.mark.parametrize("concurrency", [4, 150])
+def test_nothing_serialises_requests_up_to_concurrency(concurrency):
+    """A slow server (as a busy vLLM is) sees exactly `concurrency` requests at once, over a real socket: not
+    fewer (httpx's default pool stopped at 100 connections: this failed with 100 == 150), not more (the semaphore)."""
+    state = {"now": 0, "max": 0, "connections": 0}
+    n, delay = 2 * concurrency, 0.4
+
+    async def go():
+        server = await slow_server(delay, state)
+        port = server.sockets[0].getsockname()[1]
+        client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", api_key="", concurrency=concurrency, max_retries=0)
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.gather(*[client.chat([{"role": "user", "content": "hi"}]) for _ in range(n)])
+        finally:
+            await client.aclose()
+            server.close()
+        return out, time.perf_counter() - t0
+
+    out, took = asyncio.run(go())
+    assert [c.content for c in out] == ["Arr!"] * n
+    assert state["max"] == concurrency, state
+    print(f"concurrency {concurrency}: {n} requests of {delay}s in {took:.1f}s, {state['connections']} connections")

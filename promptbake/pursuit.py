@@ -21,6 +21,7 @@ from .generate import generate
 from .io import read_json, write_json
 from .lineage import BAKE_CONFIG
 from .metrics import kl_and_agreement, marker_rate
+from .report import try_write_report
 from .teacher import build_examples
 from .train import bake
 
@@ -134,6 +135,7 @@ def pursue(cfg, iterations: int, queries: str | None = None, samples: int = 3, m
               f"KL to the prompted base {it['kl_to_prompted_base']:.4f} | prompted base {state['reference']['prompted']}")
         state["plot"] = str(plot(state, group / "pursuit.png"))
         write_json(state_path, state)
+        try_write_report(final)  # the iteration's report.html gains the pursuit so far
         if stopped_rising(state["iterations"][:i], min_gain):
             print(f"adherence stopped rising at iteration {i}: stopping")
             break

@@ -35,6 +35,7 @@ from .locks import run_lock
 from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
 from .onpolicy import onpolicy_stage
+from .report import try_write_report
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
@@ -492,6 +493,7 @@ def bake(cfg) -> Path:
         tr.timings["total_s"] = time.time() - t_start
         write_json(run_dir / "timings.json", tr.timings)
     print(f"saved {final} in {tr.timings['total_s']:.0f}s")
+    try_write_report(final)  # after the save: a report that fails only warns
     return final
 
 

@@ -80,6 +80,7 @@ def curves_png(rows: list[dict]) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, lr) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 2]})
     styles = {"train/kl": ("-", "tab:blue", "train KL (top-K + tail)"),
@@ -95,12 +96,16 @@ def curves_png(rows: list[dict]) -> bytes | None:
             values += y
     if values and min(values) > 0:
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.02, 0.05, 0.1: not 2 x 10^-2
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("step")
     ax.set_ylabel("KL to the prompted teacher")
     ax.set_title("KL")
     ax.grid(alpha=0.3)
     if values:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.9)
     for key, color, label in (("train/lr", "tab:green", "learning rate"), ("onpolicy/lr", "tab:purple", "on-policy lr")):
         x, y = plots[key]
         if x:

@@ -124,6 +124,11 @@ def curves_png(rows: list[dict]) -> bytes | None:
 
 
 # ---------------------------------------------------------------- what the page shows
+def pick(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Each row with exactly these keys (None where an older file lacks one): the template never meets a missing key."""
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def eval_targets(result: dict) -> list[dict]:
     """eval.json holds one target's result, or {"targets": {name: result}} for several."""
     return list(result["targets"].values()) if "targets" in result else [result]
@@ -198,24 +203,33 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
         evals.append({"target": r.get("target"), "queries": r.get("queries"), "n_queries": r.get("n_queries"),
                       "samples": r.get("samples_per_query"), "n_tokens": r.get("n_tokens"),
                       "kl_ratio": r.get("kl_ratio"), "marker_regex": r.get("marker_regex"), "markers": r.get("markers"),
-                      "table": eval_table(r, result.get("retention")), "examples": r.get("examples", []),
-                      "sweep": r.get("sweep", []), "half_baking": plot, "first": i == 0})
+                      "table": eval_table(r, result.get("retention")),
+                      "examples": pick(r.get("examples", []), ("user", *(who for who, _ in MODELS))),
+                      "sweep": pick(r.get("sweep", []), ("point", "strength", "kl", "top1_agreement", "marker_rate")),
+                      "half_baking": plot, "first": i == 0})
     pursuit = None
     group = pursuit_folder(run_dir)
     if group is not None:
         state = read_json(group / "pursuit.json")
         pursuit = {"folder": str(group), "plot": png_file_uri(group / "pursuit.png"),
-                   "reference": state.get("reference", {}), "iterations": state.get("iterations", [])}
+                   "reference": state.get("reference", {}),
+                   "iterations": pick(state.get("iterations", []), ("iteration", "adherence", "adherence_reprompted",
+                                                                    "kl_to_prompted_base", "top1_agreement", "checkpoint"))}
     config = info.get("config", {})
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    targets = pick(info.get("targets", []), ("name", "weight", "system_prompt", "student_prompt", "train_rows",
+                                             "held_out_rows", "data", "marker_regex"))
+    retention = pick([result["retention"]], ("questions", "kl_base_to_baked"))[0] if result and result.get("retention") \
+        else None
     return {"name": config.get("name") or run_dir.name, "run_dir": str(run_dir),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "generated": time.strftime("%Y-%m-%d %H:%M"), "base_model": info.get("base_model_path"),
-            "targets": info.get("targets", []), "lineage": lineage_rows(info), "config": config_rows(config),
+            "targets": targets, "lineage": lineage_rows(info), "config": config_rows(config),
             "curves": png_uri(curves) if curves else None, "summary": bake_summary(rows),
-            "result": result, "evals": evals, "retention": (result or {}).get("retention"),
-            "lineage_adherence": (result or {}).get("lineage", []), "pursuit": pursuit,
-            "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))}}
+            "evals": evals, "retention": retention,
+            "lineage_adherence": pick((result or {}).get("lineage", []), ("bake", "target", "prompt", "base",
+                                                                          "base_all_prompts", "baked")),
+            "pursuit": pursuit, "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))}}
 
 
 # ---------------------------------------------------------------- rendering
@@ -231,7 +245,8 @@ def environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     env = Environment(loader=PackageLoader("promptbake", "templates"), autoescape=select_autoescape(["html"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                      finalize=lambda x: "—" if x is None else x)  # a value an older file lacks shows as a dash
     env.filters.update(num=_num, pct=_pct)
     return env
 

@@ -178,6 +178,22 @@ def test_several_targets_each_get_a_table(tmp_path):
     assert html.count('<table class="eval">') == 2
 
 
+def test_older_files_with_fewer_fields_still_render(tmp_path):
+    run = fake_run(tmp_path)
+    result = json.loads((run / "final" / "eval.json").read_text())
+    for key in ("kl_reprompted", "top1_agreement_reprompted", "retention", "samples_per_query", "lineage"):
+        result.pop(key)
+    result["adherence"].pop("baked_reprompted")
+    result["examples"] = [{"user": "Hi?", "baked": "Arr!"}]
+    result["sweep"] = [{"point": "strength 1", "strength": 1, "kl": 0.1}]
+    write(run / "final" / "eval.json", result)
+    pursuit = tmp_path / "checkpoints" / "pirate-pursuit" / "pursuit.json"
+    write(pursuit, {"iterations": [{"iteration": 1, "adherence": 0.5}]})
+    text = Page(report.write_report(run).read_text()).plain
+    assert "baked + prompt — — — —" in text and "Hi? base, no prompt — base + prompt — baked, no prompt Arr!" in text
+    assert "None" not in text
+
+
 def test_where_the_report_looks(tmp_path):
     run = fake_run(tmp_path)
     (run / "step-10").mkdir()

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: bake install test test-fast lint bench clean
+.PHONY: bake install test test-fast lint bench clean chromium
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ bake: $(VENV)/.installed
 	$(PY) bake.py
 	$(PY) demo.py --compare "Who are you?"
 
-test: $(VENV)/.installed-test $(VENV)/.installed-server
+# The browser test opens report.html in headless Chromium: Debian's package, installed where missing.
+chromium:
+	command -v chromium >/dev/null || sudo apt-get install -y chromium || apt-get install -y chromium \
+		|| (apt-get update && apt-get install -y chromium)
+
+test: $(VENV)/.installed-test $(VENV)/.installed-server chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 

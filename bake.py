@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 4 bake.py     # data-parallel on 4 GPUs (or: accelerate launch bake.py)
 
 The prompted teacher's top-K log-probabilities are cached once under data/cache/ and reused. Metrics go
-to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY). Settings: promptbake/config.py.
+to checkpoints/<name>/metrics.jsonl and W&B (offline without WANDB_API_KEY); the page to look at the bake is
+checkpoints/<name>/report.html. Settings: promptbake/config.py.
 """
 
 from promptbake.cli import main_guard

@@ -10,7 +10,8 @@
 Prints full-vocabulary KL to the prompted teacher (base vs baked, and the baked model re-prompted with
 its prompt), top-1 agreement, and adherence on sampled answers (T=0.7, --samples per query, the same seeds
 for every model; markers / marker_regex from promptbake/config.py, or a judge model when API_BASE_URL is set).
-A checkpoint baked on another (--init_from) also gets adherence to every prompt of its lineage. Writes eval.json.
+A checkpoint baked on another (--init_from) also gets adherence to every prompt of its lineage. Writes eval.json
+and refreshes the run's report.html.
 """
 
 import argparse

@@ -19,6 +19,7 @@ from .generate import decode_response, derive_seed, generate_ids
 from .io import read_jsonl, write_json
 from .lineage import lineage_prompts
 from .metrics import kl_and_agreement, marker_rate
+from .report import try_write_report
 from .retention import retention
 from .teacher import build_examples
 from .tracking import open_wandb
@@ -235,6 +236,8 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
     write_json(out, result)
     print(f"wrote {out}")
+    if not queries:
+        try_write_report(path)  # the run's report.html shows this eval.json
     return result
 
 

@@ -21,6 +21,7 @@ from .generate import generate
 from .io import read_json, write_json
 from .lineage import BAKE_CONFIG
 from .metrics import kl_and_agreement, marker_rate
+from .report import try_write_report
 from .teacher import build_examples
 from .train import bake
 
@@ -87,7 +88,7 @@ def plot(state: dict, out: Path) -> Path:
 
     its = state["iterations"]
     x = [it["iteration"] for it in its]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot(x, [it["adherence"] or 0 for it in its], "o-", color="tab:red", label="baked, no prompt")
     ax.plot(x, [it["adherence_reprompted"] or 0 for it in its], "s:", color="tab:orange", label="baked + prompt")
     ax.axhline(state["reference"]["prompted"] or 0, color="gray", ls="--", label="base + prompt")
@@ -98,9 +99,9 @@ def plot(state: dict, out: Path) -> Path:
     ax2 = ax.twinx()
     ax2.plot(x, [it["kl_to_prompted_base"] for it in its], "^-", color="tab:blue", label="KL to base + prompt")
     ax2.set_ylabel("KL to the prompted base", color="tab:blue")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="lower center", ncol=4, fontsize=8)  # below the axes: off the data and the ticks
     ax.set_title("Prompt Pursuit")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -134,6 +135,7 @@ def pursue(cfg, iterations: int, queries: str | None = None, samples: int = 3, m
               f"KL to the prompted base {it['kl_to_prompted_base']:.4f} | prompted base {state['reference']['prompted']}")
         state["plot"] = str(plot(state, group / "pursuit.png"))
         write_json(state_path, state)
+        try_write_report(final)  # the iteration's report.html gains the pursuit so far
         if stopped_rising(state["iterations"][:i], min_gain):
             print(f"adherence stopped rising at iteration {i}: stopping")
             break

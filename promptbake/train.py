@@ -38,6 +38,7 @@ from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
+from .report import try_write_report
 from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
@@ -529,6 +530,7 @@ def bake(cfg) -> Path:
         write_json(run_dir / "timings.json", tr.timings)
     distributed.shutdown()
     print(f"saved {final} in {tr.timings['total_s']:.0f}s")
+    try_write_report(final)  # after the save: a report that fails only warns
     return final
 
 

@@ -23,6 +23,8 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     assert "held-out full-vocabulary KL to the prompted teacher" in bake.stdout
     final = workdir / "checkpoints" / "default" / "final"
     assert (final / "adapter_model.safetensors").exists()
+    report = workdir / "checkpoints" / "default" / "report.html"
+    assert "Not evaluated yet" in report.read_text()
     wandb_files = list((workdir / "checkpoints" / "default" / "wandb").glob("offline-run-*/*.wandb"))
     assert wandb_files and b"train/kl" in wandb_files[0].read_bytes() and b"eval/kl" in wandb_files[0].read_bytes()
 
@@ -51,6 +53,7 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     assert sweep[1.0] == pytest.approx(result["kl_after"], rel=1e-4)
     assert (final / "half_baking.png").stat().st_size > 1000
     assert result["config"]["name"] == "default"
+    assert "Not evaluated yet" not in report.read_text() and "half-baking" in report.read_text()
 
 
 def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):

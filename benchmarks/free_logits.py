@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num_queries", type=int, default=0, help="0 = all 120 builtin queries")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gen_rows", type=int, default=32, help="rows of the generation-overhead check (0 = skip)")
     ap.add_argument("--workdir", default="/tmp/promptbake-free-logits")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -55,18 +56,18 @@ def main() -> None:
             target = prepare_target(cfg, spec, model, tokenizer, path)
             result["teacher_stage_s"]["free" if free else "teacher_pass"].append(time.time() - t0)
             result["response_tokens"] = sum(e.n_response for e in target.examples)
-    # the generator's own cost of keeping the top-K, on the first 64 queries at T=0.7
-    rows = load_prompts("builtin")[:64]
+    # the generator's own cost of keeping the top-K, on the first --gen_rows queries at T=0.7
+    rows = load_prompts("builtin")[:args.gen_rows]
     system = read_prompt(cfg.prompt_file)
     gen = {"keep_topk": [], "plain": []}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if rows else 0):
         for k in (cfg.top_k, 0):
             t0 = time.time()
             for _batch in answer_locally(model, tokenizer, rows, system, temperature=0.7, max_new_tokens=64,
                                          batch_size=32, progress=False, keep_topk=k):
                 pass
             gen["keep_topk" if k else "plain"].append(time.time() - t0)
-    result["generation_64_rows_s"] = gen
+    result[f"generation_{len(rows)}_rows_s"] = gen
     med = {k: sum(v) / len(v) for k, v in result["teacher_stage_s"].items()}
     result["teacher_stage_ratio_free_over_pass"] = med["free"] / med["teacher_pass"]
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")

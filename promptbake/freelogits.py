@@ -184,18 +184,17 @@ def free_teacher(model, tokenizer, examples: list[Example], rows, system: str, m
               f"running the teacher pass instead")
         return None
     missing = [i for i, f in enumerate(found) if f is None]
+    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     if missing:
         ex = [examples[i] for i in missing]
         prefix_len = common_prefix_len([e.teacher_ids for e in ex], [e.n_response for e in ex]) \
             if enable_shared_prefix(model).enabled else 0
         with torch.inference_mode():
             prefix = shared_prefix(model, ex[0].teacher_ids[:prefix_len]) if prefix_len else None
-        id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
         part = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype)
         for j, i in enumerate(missing):
             a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
             found[i] = (part["ids"][a:b], part["logprobs"][a:b])
-    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     print(f"free teacher logits: reused the generator's top-{k} for {len(reused)}/{len(examples)} rows of {data_file}"
           + (f", teacher pass for {len(missing)} ({', '.join(f'{n} {w}' for w, n in why.items())})" if missing else "")
           + f" | checked on {len(check)} rows: {detail} | {time.time() - t0:.1f}s")

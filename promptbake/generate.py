@@ -24,7 +24,7 @@ from .chat import render_prompt_ids, stop_ids
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
 from .errors import UserError
-from .forward import backbone_and_head, pad_left
+from .forward import backbone_and_head, pad_left, softcap_logits
 from .freelogits import PartWriter, header, topk_dir
 from .io import JsonlAppender, atomic_write_bytes, read_json, sha256_text, write_json
 from .locks import run_lock
@@ -42,13 +42,15 @@ class TopKRecorder:
     teacher cache's exact op on them (fp32 log_softmax, then top-K). O(B x steps x K) memory, not V."""
 
     def __init__(self, model, k: int):
-        self.head, self.k, self.steps = backbone_and_head(model)[1], k, []
+        head = backbone_and_head(model)[1]
+        self.linear, self.softcap, self.k, self.steps = head.linear, head.softcap, k, []
 
     def _hook(self, module, inputs, output):
-        self.steps.append(teacher_topk(output[:, -1], min(self.k, output.shape[-1])))
+        logits = softcap_logits(output[:, -1], self.softcap)  # as the model's forward and the teacher pass do
+        self.steps.append(teacher_topk(logits, min(self.k, logits.shape[-1])))
 
     def __enter__(self):
-        self.handle = self.head.register_forward_hook(self._hook)
+        self.handle = self.linear.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc):

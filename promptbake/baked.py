@@ -93,7 +93,7 @@ def load_start(cfg):
     Returns (model, tokenizer, model identity, device, lineage); the identity names the chain too."""
     model, tokenizer, path, device = models.load(cfg)
     if not cfg.init_from:
-        return model, tokenizer, path, device, []
+        return model, tokenizer, model_identity(path, []), device, []
     parent = Path(cfg.init_from)
     info = read_bake_config(parent)
     if info.get("base_config_sha256") not in (None, model_config_sha256(model)):
@@ -102,7 +102,13 @@ def load_start(cfg):
     model = merge_chain(model, lineage, None)
     print(f"starting from {parent}: the base model with {len(lineage)} baked adapter(s) merged in "
           f"({' -> '.join(a['name'] for a in lineage)})")
-    return model, tokenizer, f"{path}+lineage:{lineage_id(lineage)}", device, lineage
+    return model, tokenizer, model_identity(path, lineage), device, lineage
+
+
+def model_identity(path: str, lineage: list[dict]) -> str:
+    """Names the model a teacher runs: the base model's folder, plus the hash of a baked chain merged into it.
+    The generator (data/<name>.meta.json, stored top-K) and the teacher cache compare exactly this."""
+    return f"{path}+lineage:{lineage_id(lineage)}" if lineage else path
 
 
 def model_config_sha256(model) -> str:

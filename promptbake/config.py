@@ -96,6 +96,9 @@ class Config:
     # Several targets baked at once: [{prompt_file, data, weight, name, student_prompt, marker_regex}]; [] = one from prompt_file
     targets: list[dict] = items(list)
     top_k: int = num(20, 1, 65536)  # teacher tokens kept per position (plus one tail bucket); at most the vocabulary
+    # The local generator keeps the teacher's top-K while it samples (data/<name>.topk/), and bake.py uses it instead
+    # of a teacher pass once one batch matches a real one; false: neither keeps nor uses them
+    free_teacher_logits: bool = True
     max_seq_len: int = num(512, 8, 1_000_000)  # tokens per row, prompt included; longer responses are cut and their end masked
     lora_r: int = num(16, 1, 1024)
     lora_alpha: float = num(32, 0, 1_000_000, lo_open=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import torch
@@ -21,9 +24,11 @@ from .chat import render_prompt_ids, stop_ids
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, read_prompt, row_key
 from .errors import UserError
-from .forward import pad_left
+from .forward import backbone_and_head, pad_left, softcap_logits
+from .freelogits import PartWriter, header, topk_dir
 from .io import JsonlAppender, atomic_write_bytes, read_json, sha256_text, write_json
 from .locks import run_lock
+from .loss import teacher_topk
 from .seeds import SEED_QUERIES
 
 QUERY_MAX_TOKENS = 48  # a written query is one short message
@@ -31,11 +36,31 @@ QUERY_ROUNDS = 4  # rounds of asking for the queries still missing after dedupli
 
 
 # ---------------------------------------------------------------- local batched generation
+class TopKRecorder:
+    """Keeps the model's own top-K log-probabilities at every generated position: a hook on the output head
+    sees the raw logits of each step, before temperature, top-p or any logits processor, and runs the
+    teacher cache's exact op on them (fp32 log_softmax, then top-K). O(B x steps x K) memory, not V."""
+
+    def __init__(self, model, k: int):
+        head = backbone_and_head(model)[1]
+        self.linear, self.softcap, self.k, self.steps = head.linear, head.softcap, k, []
+
+    def _hook(self, module, inputs, output):
+        logits = softcap_logits(output[:, -1], self.softcap)  # as the model's forward and the teacher pass do
+        self.steps.append(teacher_topk(logits, min(self.k, logits.shape[-1])))
+
+    def __enter__(self):
+        self.handle = self.linear.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 @torch.inference_mode()
-def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-                 top_p: float = 1.0, seed: int | None = None) -> list[tuple[list[int], bool]]:
-    """Generates for a batch of prompt ids (left padded). Returns (response ids, complete) per prompt:
-    a complete response ends with the model's own end-of-turn token; a truncated one has none."""
+def _generate(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+              top_p: float = 1.0, seed: int | None = None, keep_topk: int = 0) -> list[tuple]:
+    """(response ids, complete, top-K or None) per prompt; see generate_ids."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     input_ids, attention_mask = pad_left(prompts, pad, device)
@@ -45,34 +70,58 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: flo
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=stops, **sampling)
+    with TopKRecorder(model, keep_topk) if keep_topk else contextlib.nullcontext() as rec:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=stops, **sampling)
+    topk = None
+    if rec is not None and len(rec.steps) == out.shape[1] - width:  # one head call per generated token
+        topk = (torch.stack([i for i, _ in rec.steps], 1).cpu(), torch.stack([lp for _, lp in rec.steps], 1).cpu())
+    elif rec is not None:
+        print(f"note: the model's head ran {len(rec.steps)} times for {out.shape[1] - width} tokens; "
+              f"no free teacher logits kept for this batch")
     results = []
-    for row in out[:, width:].tolist():
+    for b, row in enumerate(out[:, width:].tolist()):
         end = next((i for i, t in enumerate(row) if t in stops), None)
-        results.append((row[:end + 1], True) if end is not None else (row, False))
+        n = end + 1 if end is not None else len(row)  # tokens after the end of turn are padding: never kept
+        results.append((row[:n], end is not None, (topk[0][b, :n], topk[1][b, :n]) if topk else None))
     return results
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+                 top_p: float = 1.0, seed: int | None = None) -> list[tuple[list[int], bool]]:
+    """Generates for a batch of prompt ids (left padded). Returns (response ids, complete) per prompt:
+    a complete response ends with the model's own end-of-turn token; a truncated one has none."""
+    return [(ids, complete) for ids, complete, _ in _generate(model, tokenizer, prompts, temperature=temperature,
+                                                              max_new_tokens=max_new_tokens, top_p=top_p, seed=seed)]
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+class Answer(NamedTuple):
+    row: Row
+    prompt_ids: list[int]  # what the model read: [system, context] rendered
+    ids: list[int]  # the response, with its end-of-turn token when complete
+    complete: bool
+    topk: tuple | None  # (ids [n, K], fp32 logprobs [n, K]) of the raw logits at each response position
+
+
 def answer_locally(model, tokenizer, rows: list[Row], system: str | None, *, temperature: float,
-                   max_new_tokens: int, batch_size: int, top_p: float = 1.0, seed=0, progress: bool = True):
-    """Yields (row, response_ids, complete) for rows answered by the local model, in batches sorted by
+                   max_new_tokens: int, batch_size: int, top_p: float = 1.0, seed=0, progress: bool = True,
+                   keep_topk: int = 0):
+    """Yields one list of Answer per batch of rows answered by the local model, in batches sorted by
     prompt length to cut padding. Each batch's seed hashes `seed` (e.g. (seed, temperature, sample index))
-    with the batch's queries."""
+    with the batch's queries. `keep_topk`: also keep the model's top-K at every response position."""
     prompts = [render_prompt_ids(tokenizer, r.context, system) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not progress)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        outs = generate_ids(model, tokenizer, [prompts[i] for i in idx], temperature=temperature,
-                            max_new_tokens=max_new_tokens, top_p=top_p,
-                            seed=derive_seed(seed, [rows[i].context for i in idx]))
-        for i, (ids, complete) in zip(idx, outs):
-            yield rows[i], ids, complete
+        outs = _generate(model, tokenizer, [prompts[i] for i in idx], temperature=temperature,
+                         max_new_tokens=max_new_tokens, top_p=top_p, keep_topk=keep_topk,
+                         seed=derive_seed(seed, [rows[i].context for i in idx]))
+        yield [Answer(rows[i], prompts[i], ids, complete, topk) for i, (ids, complete, topk) in zip(idx, outs)]
         bar.update(len(idx))
     bar.close()
 
@@ -185,7 +234,7 @@ def api_backend(cfg, system: str) -> Backend:
         loop.run_until_complete(client.aclose())
         loop.close()
 
-    def run(jobs, emit):
+    def run(jobs, emit, parts=None):  # an API returns no logits: `parts` stays empty
         loop.run_until_complete(_run_api(client, jobs, system, cfg, emit))
 
     return Backend("api", f"api:{api_model}", run, ask_many, client, close=close)
@@ -205,7 +254,8 @@ def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = Non
             out += [decode_response(tokenizer, ids) for ids, _ in batch]
         return out
 
-    return Backend("local", model_id, lambda jobs, emit: _run_local(model, tokenizer, jobs, system, cfg, emit),
+    return Backend("local", model_id, lambda jobs, emit, parts=None: _run_local(model, tokenizer, jobs, system, cfg,
+                                                                                emit, parts),
                    ask_many, tokenizer=tokenizer)
 
 
@@ -237,6 +287,7 @@ def write_paired(out: Path, meta_path: Path, rows: list[Row], system: str) -> Pa
     print(f"the prompts already carry responses: writing {len(rows)} paired rows as they are")
     data = b"".join(orjson.dumps({"messages": [*r.context, {"role": "assistant", "content": r.response}]}) + b"\n"
                     for r in rows)
+    shutil.rmtree(topk_dir(out), ignore_errors=True)  # an earlier generation's logits: not of these rows
     atomic_write_bytes(out, data)
     write_json(meta_path, {"settings": {"backend": "paired", "prompt_sha256": sha256_text(system)},
                            "rows": len(rows), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -305,6 +356,10 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Pa
             return write_paired(out, meta_path, rows, system)
         settings = _settings(cfg, system, name, backend.model_id, rows)
         done = rows_done(cfg, out, meta_path, settings)
+        if not out.exists():  # a fresh data file: an earlier one's stored logits go with it
+            shutil.rmtree(topk_dir(out), ignore_errors=True)
+        parts = PartWriter(topk_dir(out), header(backend.model_id, system, cfg.top_k, backend.tokenizer),
+                           len(backend.tokenizer)) if name == "local" and cfg.free_teacher_logits else None
         jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
                 if row_key(r.context, i, float(t)) not in done]
         total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
@@ -316,7 +371,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Pa
         with JsonlAppender(out) as writer:
             progress = Progress(writer, total, total - len(jobs), backend.client)
             try:
-                backend.run(jobs, progress)
+                backend.run(jobs, progress, parts)
             finally:
                 progress.bar.close()
         finish_data(out, meta_path, meta, progress.counts, backend.client, total - len(jobs), time.time() - t0)
@@ -348,15 +403,20 @@ def finish_data(out: Path, meta_path: Path, meta: dict, counts: dict, client, do
         raise UserError(f"{out}: no rows were written (every answer was empty or filtered); check the model or API")
 
 
-def _run_local(model, tokenizer, jobs, system, cfg, emit):
+def _run_local(model, tokenizer, jobs, system, cfg, emit, parts=None):
+    """Answers the jobs in batches; with `parts` (a freelogits.PartWriter), each batch's top-K is written
+    before its rows, so every row on disk has its logits stored (a part's entries without a row are ignored)."""
     by_sample: dict[tuple, list] = {}
     for row, index, temp in jobs:
         by_sample.setdefault((temp, index), []).append(row)
     for (temp, index), rows in by_sample.items():
-        for row, ids, complete in answer_locally(model, tokenizer, rows, system, temperature=temp,
-                                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                                                 top_p=cfg.top_p, seed=(cfg.seed, temp, index), progress=False):
-            emit(row, index, temp, decode_response(tokenizer, ids), "stop" if complete else "length", ids)
+        for batch in answer_locally(model, tokenizer, rows, system, temperature=temp, max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.gen_batch_size, top_p=cfg.top_p, seed=(cfg.seed, temp, index),
+                                    progress=False, keep_topk=cfg.top_k if parts is not None else 0):
+            if parts is not None:
+                parts.write([(a, row_key(a.row.context, index, temp)) for a in batch])
+            for a in batch:
+                emit(a.row, index, temp, decode_response(tokenizer, a.ids), "stop" if a.complete else "length", a.ids)
 
 
 async def _run_api(client, jobs, system, cfg, emit):

@@ -78,11 +78,25 @@ def cache_key(model_path: str, system: str, data_sha256: str, k: int, chat_templ
               max_seq_len: int, student_prompt: str) -> str:
     fingerprint = {"version": CACHE_VERSION, "model": model_path, "system": system, "data": data_sha256, "k": k,
                    "template": chat_template, "max_seq_len": max_seq_len, "student_prompt": student_prompt}
-    folder = model_path.split("+lineage:")[0]  # a baked chain's identity: the base folder + the chain's hash
-    if os.path.isdir(folder):  # a folder's weights can change under the same name
-        files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("config.json"))
-        fingerprint["files"] = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    files = model_fingerprint(model_path)
+    if files is not None:
+        fingerprint["files"] = files
     return hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()[:20]
+
+
+def model_fingerprint(model_path: str) -> list | None:
+    """(name, size, mtime) of a model folder's weights and config: a folder's weights can change under the same
+    name. `model_path` is a model identity (baked.model_identity): a chain's is the base folder + the chain's hash."""
+    folder = model_path.split("+lineage:")[0]
+    if not os.path.isdir(folder):
+        return None
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("config.json"))
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+
+
+def cache_complete(cache_dir: Path, n_rows: int) -> bool:
+    """Whether every shard of a teacher cache for n_rows rows is on disk (they are still checked when loaded)."""
+    return all((cache_dir / f"shard-{s:07d}.pt").exists() for s in range(0, n_rows, SHARD_ROWS))
 
 
 @dataclass

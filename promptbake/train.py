@@ -31,6 +31,7 @@ from .data import load_rows, read_prompt
 from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, response_hidden, token_pieces
+from .freelogits import free_teacher
 from .generate import check_data_dir, decode_response, generate, generate_ids
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .locks import run_lock
@@ -39,7 +40,7 @@ from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
 from .report import try_write_report
-from .teacher import Example, TeacherTopK, build_examples, cache_key, check_alignment, teacher_cache
+from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
 HELD_OUT = "held_out.jsonl"
@@ -48,7 +49,8 @@ CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
                      "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
-                     "model_cache_dir", "overwrite", "dist_timeout"}
+                     "model_cache_dir", "overwrite", "dist_timeout",
+                     "free_teacher_logits"}  # the stored top-K are checked to match a teacher pass within fp tolerance
 # Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
 DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
                  "training_prompts", "generate_queries", "num_queries", "samples_per_query", "temperatures",
@@ -137,8 +139,15 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
               f"their turn end is not trained")
     key = cache_key(model_path, system, sha256_file(data_file), cfg.top_k,
                     tokenizer.chat_template or "", cfg.max_seq_len, spec["student_prompt"])
-    teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, Path(cfg.data_dir) / "cache" / key,
-                            cfg.teacher_batch_size, distributed.world())
+    cache_dir = Path(cfg.data_dir) / "cache" / key
+    teacher = None
+    # every rank decides the same way (the same files, the same check), so the fallback's collectives still meet
+    if cfg.free_teacher_logits and not cache_complete(cache_dir, len(examples)):  # a built cache costs nothing
+        teacher = free_teacher(model, tokenizer, examples, rows, system, model_path, cfg.top_k, data_file,
+                               cfg.teacher_batch_size)
+    if teacher is None:
+        teacher = teacher_cache(model, tokenizer, examples, cfg.top_k, cache_dir, cfg.teacher_batch_size,
+                                distributed.world())
     check_alignment(examples, teacher, tokenizer, data_file)
     train, held_out = split_held_out(examples, cfg.eval_fraction, cfg.seed)
     print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "

@@ -90,11 +90,11 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
 
     seeds = {}
 
-    def fake_generate_ids(model, tokenizer, prompts, *, temperature, max_new_tokens, top_p=1.0, seed=None):
+    def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, top_p=1.0, seed=None, keep_topk=0):
         seeds.setdefault((temperature, len(seeds)), seed)
-        return [([1], True) for _ in prompts]
+        return [([1], True, None) for _ in prompts]
 
-    monkeypatch.setattr(gen, "generate_ids", fake_generate_ids)
+    monkeypatch.setattr(gen, "_generate", fake_generate)
     monkeypatch.setattr(gen, "render_prompt_ids", lambda tok, ctx, system: [0])
     monkeypatch.setattr(gen, "decode_response", lambda tok, ids: "x")
     rows = [Row(1, [{"role": "user", "content": "q"}])]

@@ -1,0 +1,203 @@
+"""Free teacher logits: the local generator IS the teacher (the start model with the system prompt), and it
+computes the teacher's logits at every response token while it samples. generate_data.py keeps their top-K
+(fp32 log_softmax of the raw logits, before temperature and top-p) beside the data, and bake.py uses them
+instead of a separate teacher pass.
+
+Stored as data/<name>.topk/part-NNNNNN.pt, one per generation batch, written atomically before the batch's
+rows are appended, each with a checksum. An entry is matched to a data row by the row's key (query, sample
+index, temperature), the hash of the prompt ids the generator read (system prompt, template, context) and the
+response ids themselves; every part names the model identity (and its files), the prompt's hash, K and the
+template's hash. A row without a valid entry (a corrupt or missing part, API data) gets the teacher pass.
+Before any of it is trusted, one batch is recomputed by the real teacher pass and compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import orjson
+import torch
+
+from .forward import common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
+from .io import atomic_write_bytes, sha256_text
+from .loss import teacher_topk
+from .teacher import Example, TeacherTopK, _checksum, model_fingerprint, teacher_topk_rows
+
+FORMAT_VERSION = 1
+# Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, by the model's dtype. fp32: the
+# generator's KV-cached steps and the teacher's full forward differ by ~1e-5; the fp16 storage rounds to 2^-11
+# relative. bf16 (GPU): both passes carry bf16's own noise (~2^-8 of a logit).
+TOLERANCE = {torch.float32: (1e-3, 2e-3), torch.float16: (5e-2, 2e-2), torch.bfloat16: (1e-1, 4e-2)}
+
+
+def topk_dir(data_file: str | Path) -> Path:
+    p = Path(data_file)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".topk")
+
+
+def entry_key(key: tuple) -> str:
+    """A data row's key (data.row_key: query, sample index, temperature), hashed."""
+    return hashlib.sha256(orjson.dumps(list(key))).hexdigest()[:32]
+
+
+def ids_sha(ids: list[int]) -> str:
+    return hashlib.sha256(orjson.dumps(list(ids))).hexdigest()[:32]
+
+
+def header(model_id: str, system: str, k: int, tokenizer) -> dict:
+    """What the stored numbers depend on, beside the per-row prompt ids and response ids."""
+    return {"version": FORMAT_VERSION, "model": model_id, "model_files": model_fingerprint(model_id),
+            "prompt_sha256": sha256_text(system), "k": k, "template_sha256": sha256_text(tokenizer.chat_template or "")}
+
+
+def _part_checksum(meta: dict, tensors: dict) -> str:
+    return hashlib.sha256(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS) + _checksum(tensors).encode()).hexdigest()
+
+
+class PartWriter:
+    """Appends one part per generation batch after the parts already there (a resumed generation)."""
+
+    def __init__(self, folder: Path, head: dict, vocab_size: int):
+        self.folder, self.head = folder, head
+        self.id_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
+        folder.mkdir(parents=True, exist_ok=True)
+        self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob("part-*.pt")
+                             if p.stem.split("-")[1].isdigit()), default=0)
+
+    def write(self, answers) -> None:
+        """answers: (generate.Answer, its data.row_key) pairs."""
+        answers = [(a, key) for a, key in answers if a.topk is not None and len(a.ids)]
+        if not answers:
+            return
+        meta = {"header": self.head, "keys": [entry_key(key) for _, key in answers],
+                "prompt_sha": [ids_sha(a.prompt_ids) for a, _ in answers]}
+        tensors = {"offsets": torch.tensor([0] + [len(a.ids) for a, _ in answers]).cumsum(0),
+                   "response_ids": torch.tensor([t for a, _ in answers for t in a.ids], dtype=torch.int32),
+                   "ids": torch.cat([a.topk[0] for a, _ in answers]).to(self.id_dtype),
+                   "logprobs": torch.cat([a.topk[1] for a, _ in answers]).half()}
+        buf = io.BytesIO()
+        torch.save({"meta": meta, "tensors": tensors, "sha256": _part_checksum(meta, tensors)}, buf)
+        atomic_write_bytes(self.folder / f"part-{self.next:06d}.pt", buf.getvalue())
+        self.next += 1
+
+
+def load_parts(folder: Path) -> tuple[dict, list[str]]:
+    """{entry key: (header, prompt sha, response ids, ids, logprobs)} over every valid part, and notes on the
+    parts left out. A later part wins over an earlier one for the same key (a row generated again on resume)."""
+    entries, notes = {}, []
+    for path in sorted(folder.glob("part-*.pt")):
+        try:
+            blob = torch.load(path, weights_only=True)
+            meta, t = blob["meta"], blob["tensors"]
+            off = t["offsets"]
+            ok = (blob["sha256"] == _part_checksum(meta, t) and len(off) == len(meta["keys"]) + 1
+                  and len(t["response_ids"]) == int(off[-1]) == len(t["ids"]) == len(t["logprobs"]))
+        except Exception:  # noqa: BLE001 - any unreadable part is left out; its rows get the teacher pass
+            ok = False
+        if not ok:
+            notes.append(f"{path.name} is corrupt or truncated")
+            continue
+        for j, key in enumerate(meta["keys"]):
+            a, b = int(off[j]), int(off[j + 1])
+            entries[key] = (meta["header"], meta["prompt_sha"][j], t["response_ids"][a:b], t["ids"][a:b],
+                            t["logprobs"][a:b])
+    return entries, notes
+
+
+def _match(example: Example, row, entries: dict, want: dict) -> tuple[tuple | None, str]:
+    """The stored (ids, logprobs) for this example, cut to its response, or None and why not."""
+    if row.key is None:
+        return None, "no generation key"
+    entry = entries.get(entry_key(row.key))
+    if entry is None:
+        return None, "no stored entry"
+    head, prompt_sha, resp, ids, lps = entry
+    for field in ("version", "model", "model_files", "prompt_sha256", "template_sha256"):
+        if head.get(field) != want[field]:
+            return None, {"model_files": "model files changed", "prompt_sha256": "another system prompt",
+                          "template_sha256": "another chat template"}.get(field, f"another {field}")
+    if head["k"] < want["k"]:
+        return None, f"stored K={head['k']} < top_k={want['k']}"
+    n = example.n_response
+    if prompt_sha != ids_sha(example.teacher_ids[:-n]):
+        return None, "another prompt rendering"
+    if resp[:n].tolist() != example.teacher_ids[-n:]:
+        return None, "other response ids"
+    return (ids[:n, :want["k"]], lps[:n, :want["k"]]), ""
+
+
+def _compare(stored_ids, stored_lp, logits, k: int, dtype) -> tuple[bool, str]:
+    """Stored top-K against a fresh teacher pass: the same ids (a swap only between near-equal log-probs) and
+    log-probs within the dtype's tolerance."""
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
+    fresh_ids, fresh_lp = teacher_topk(logits, k)
+    stored_lp = stored_lp.float()
+    diff = (stored_lp - fresh_lp).abs()
+    lp_ok = bool((diff <= atol + rtol * fresh_lp.abs()).all())
+    same = stored_ids.long() == fresh_ids
+    # a differing id is a tie: the fresh log-prob of the stored id equals the fresh one at that rank
+    at_stored = torch.log_softmax(logits.float(), -1).gather(-1, stored_ids.long())
+    tie = (at_stored - fresh_lp).abs() <= atol + rtol * fresh_lp.abs()
+    ids_ok = bool((same | tie).all())
+    detail = (f"{int(same.all(-1).sum())}/{len(same)} positions with identical top-{k} ids, "
+              f"max |Δlogprob| {diff.max().item():.2e} (tolerance {atol:g} + {rtol:g}|lp|)")
+    return lp_ok and ids_ok, detail
+
+
+def free_teacher(model, tokenizer, examples: list[Example], rows, system: str, model_id: str, k: int,
+                 data_file: str | Path, batch_size: int) -> TeacherTopK | None:
+    """The teacher's top-K for these examples from the generator's stored logits, checked on one batch against
+    a teacher pass; rows without a stored entry get the teacher pass. None (with the reason printed) when there
+    is nothing to reuse or the check fails: the caller then runs the teacher pass over everything."""
+    folder = topk_dir(data_file)
+    if not folder.is_dir():
+        return None
+    t0 = time.time()
+    entries, notes = load_parts(folder)
+    for note in notes:
+        print(f"free teacher logits: {folder}/{note}; its rows get the teacher pass")
+    want = header(model_id, system, k, tokenizer)
+    found, why = [], {}
+    for e, r in zip(examples, rows):
+        got, reason = _match(e, r, entries, want)
+        found.append(got)
+        if got is None:
+            why[reason] = why.get(reason, 0) + 1
+    reused = [i for i, f in enumerate(found) if f is not None]
+    if not reused:
+        print(f"free teacher logits: none of {folder}'s entries fit ({', '.join(f'{n} {w}' for w, n in why.items())});"
+              f" running the teacher pass")
+        return None
+    check = reused[:batch_size]
+    with torch.inference_mode():
+        seqs = [examples[i].teacher_ids for i in check]
+        n_resp = [examples[i].n_response for i in check]
+        logits = response_logits(model, seqs, n_resp, tokenizer.pad_token_id, share=False).cpu()
+    dtype = next(model.parameters()).dtype
+    ok, detail = _compare(torch.cat([found[i][0] for i in check]), torch.cat([found[i][1] for i in check]), logits, k,
+                          dtype)
+    if not ok:
+        print(f"free teacher logits: {folder} does not match a teacher pass on {len(check)} rows ({detail}); "
+              f"running the teacher pass instead")
+        return None
+    missing = [i for i, f in enumerate(found) if f is None]
+    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
+    if missing:
+        ex = [examples[i] for i in missing]
+        prefix_len = common_prefix_len([e.teacher_ids for e in ex], [e.n_response for e in ex]) \
+            if enable_shared_prefix(model).enabled else 0
+        with torch.inference_mode():
+            prefix = shared_prefix(model, ex[0].teacher_ids[:prefix_len]) if prefix_len else None
+        part = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype)
+        for j, i in enumerate(missing):
+            a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
+            found[i] = (part["ids"][a:b], part["logprobs"][a:b])
+    print(f"free teacher logits: reused the generator's top-{k} for {len(reused)}/{len(examples)} rows of {data_file}"
+          + (f", teacher pass for {len(missing)} ({', '.join(f'{n} {w}' for w, n in why.items())})" if missing else "")
+          + f" | checked on {len(check)} rows: {detail} | {time.time() - t0:.1f}s")
+    return TeacherTopK(torch.tensor([0] + [e.n_response for e in examples]).cumsum(0),
+                       torch.tensor([t for e in examples for t in e.teacher_ids[-e.n_response:]], dtype=torch.int32),
+                       torch.cat([f[0] for f in found]).to(id_dtype), torch.cat([f[1] for f in found]).half())

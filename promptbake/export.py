@@ -84,12 +84,13 @@ def go_template(tokenizer) -> tuple[str, list[str]]:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
     def go(text):
-        bos = tokenizer.bos_token or ""
-        if bos and text.startswith(bos):
-            text = text[len(bos):]  # llama.cpp adds BOS itself when the model wants one
+        if adds_bos and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]  # the tokenizer (and llama.cpp) adds it: not twice
         text = text.replace("{{", '{{ "{{" }}')
         return (text.replace(MARK["system"], "{{ .System }}").replace(MARK["user"], "{{ .Prompt }}"))
 
+    ids = tokenizer("a")["input_ids"]
+    adds_bos = bool(tokenizer.bos_token) and bool(ids) and ids[0] == tokenizer.bos_token_id
     user = [{"role": "user", "content": MARK["user"]}]
     with_system = render([{"role": "system", "content": MARK["system"]}, *user], True)
     plain = render(user, True)

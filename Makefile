@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: bake install test test-fast lint bench clean
+.PHONY: bake install test test-fast lint bench clean export
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ $(VENV)/.installed-server: $(VENV)/.installed requirements-server.txt
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -r requirements-server.txt
 	touch $@
 
+# llama.cpp's GGUF converters for export.py, unpacked from the llama-cpp-python sdist pinned in requirements-server.txt
+# (a download of the source, no compiling: seconds once pip has it cached) into .venv/llama.cpp-convert.
+$(VENV)/.installed-export: $(VENV)/.installed requirements-export.txt requirements-server.txt
+	$(PIP) install -r requirements-export.txt
+	$(PY) -m promptbake.llamacpp install
+	touch $@
+
 install: $(VENV)/.installed
 
 bake: $(VENV)/.installed
@@ -33,13 +40,17 @@ bake: $(VENV)/.installed
 	$(PY) bake.py
 	$(PY) demo.py --compare "Who are you?"
 
-test: $(VENV)/.installed-test $(VENV)/.installed-server
+test: $(VENV)/.installed-test $(VENV)/.installed-server $(VENV)/.installed-export
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
 test-fast: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
+
+# the newest checkpoint as a merged HF folder, GGUF (f16, q8_0, LoRA), an Ollama Modelfile and a vLLM-ready adapter
+export: $(VENV)/.installed-export
+	$(PY) export.py --overwrite
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,7 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import parse_args
-from promptbake.export import FORMATS, export
+from promptbake.export import FORMATS, GGUF_TYPES, export
 
 
 def main():
@@ -25,8 +25,11 @@ def main():
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--private_prompt", action="store_true", help="the model card names the prompt by its sha256 only")
     parser.add_argument("--base_model_id", help="the base model's hub id, for a bake on a local folder")
+    parser.add_argument("--gguf_types", default=",".join(GGUF_TYPES), help="comma list of f16,q8_0 (the merged model) "
+                        "and lora (the adapter alone); default: all")
     cfg, args = parse_args(parser=parser)
-    export(cfg, args.checkpoint, args.formats, args.out, args.overwrite, args.private_prompt, args.base_model_id)
+    export(cfg, args.checkpoint, args.formats, args.out, args.overwrite, args.private_prompt, args.base_model_id,
+           args.gguf_types)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from .lineage import ADAPTER_FILE
 
 FORMATS = ("merged", "gguf", "ollama", "adapter")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "lora")  # lora: the adapter alone, for the base model's GGUF
 
 
 def parse_formats(text: str) -> list[str]:
@@ -166,7 +166,7 @@ def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, mad
                   '                              return_tensors="pt", return_dict=True)',
                   'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
     if gguf:
-        full = [g for g in gguf if "-lora-" not in g]
+        full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
         lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m gguf/{full[-1]} -cnv",
                   f"python -m llama_cpp.server --model gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
         lora = [g for g in gguf if "-lora-" in g]
@@ -198,18 +198,28 @@ def write_merged(model, tokenizer, dest: Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
+def parse_gguf_types(text: str) -> list[str]:
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in wanted if t not in GGUF_TYPES]
+    if bad or not wanted:
+        raise UserError(f"--gguf_types: {'unknown type ' + repr(bad[0]) if bad else 'empty'}; choose from {','.join(GGUF_TYPES)}")
+    return [t for t in GGUF_TYPES if t in wanted]
+
+
 def write_gguf(merged_dir: Path, dest: Path, name: str, checkpoint: Path, base_path: str, chained: bool,
-               skipped: dict) -> list[str]:
+               skipped: dict, types: list[str]) -> list[str]:
     dest.mkdir()
     files = []
-    for t in GGUF_TYPES:
+    for t in [t for t in types if t != "lora"]:
         t0 = time.time()
         out = dest / f"{name}-{t}.gguf"
         llamacpp.run_converter("convert_hf_to_gguf.py", [str(merged_dir.resolve()), "--outfile", str(out.resolve()),
                                                           "--outtype", t])
         files.append(out.name)
         print(f"gguf | {out.name} | {out.stat().st_size / 2**20:.0f} MiB | {time.time() - t0:.0f}s", flush=True)
-    if chained:
+    if "lora" not in types:
+        pass
+    elif chained:
         skipped["gguf-lora"] = ("a chained bake's adapter only fits its parent's merged weights, so there is no "
                                 "LoRA for the base GGUF; use the merged GGUF")
     else:
@@ -231,7 +241,7 @@ def write_adapter(checkpoint: Path, dest: Path, base_id: str | None, base_path: 
 
 
 def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | None = None, overwrite: bool = False,
-           private_prompt: bool = False, base_model_id: str | None = None) -> Path:
+           private_prompt: bool = False, base_model_id: str | None = None, gguf_types: str = ",".join(GGUF_TYPES)) -> Path:
     """Writes the chosen formats of a baked checkpoint under `out` (default exports/<name>); returns it."""
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
     if not path.is_dir():
@@ -240,6 +250,9 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
     run = info["config"].get("name") or path.parent.name
     name = run if path.name == "final" else f"{run}-{path.name}"
     wanted = parse_formats(formats)
+    types = parse_gguf_types(gguf_types)
+    if "ollama" in wanted and types == ["lora"]:
+        raise UserError("--formats ollama needs a model GGUF: add f16 or q8_0 to --gguf_types")
     dest = Path(out or Path("exports") / name)
     if dest.exists() and not overwrite:
         raise UserError(f"{dest} exists; pass --overwrite to replace it, or --out another folder")
@@ -279,7 +292,7 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
                 print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
                       f"MiB | {time.time() - t0:.0f}s", flush=True)
             if "gguf" in wanted:
-                made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped)
+                made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
             if "ollama" in wanted:
                 gguf_name = next(g for g in reversed(made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
                 (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))

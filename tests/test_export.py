@@ -180,25 +180,3 @@ def test_the_ollama_template_renders_like_the_chat_template(tokenizer):
     assert "You are a helpful AI assistant named SmolLM" in plain  # the default system line the model was baked with
     assert with_system.replace("{{ .System }}", "S").replace("{{ .Prompt }}", q) == tokenizer.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-
-
-def test_gguf_of_the_tiny_model(baked, tmp_path, capsys):
-    """llama.cpp's converters on the merged model and the adapter (skipped where `make export` did not install them)."""
-    from promptbake.llamacpp import find_converters
-
-    if find_converters()[0] is None:
-        pytest.skip("llama.cpp's converters are installed by `make export` / `make test`")
-    import gguf
-
-    out = export(make_cfg(), str(baked["a"]), "gguf,ollama", str(tmp_path / "g"))
-    names = sorted(p.name for p in (out / "gguf").iterdir())
-    assert names == ["Modelfile", "README.md", "a-f16.gguf", "a-lora-f16.gguf", "a-q8_0.gguf"]
-    assert not (out / "merged").exists()
-    reader = gguf.GGUFReader(out / "gguf" / "a-q8_0.gguf")
-    arch = reader.fields["general.architecture"]
-    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
-    lora = gguf.GGUFReader(out / "gguf" / "a-lora-f16.gguf")
-    assert any(t.name.endswith(".lora_a") for t in lora.tensors)
-    modelfile = (out / "gguf" / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./a-q8_0.gguf\nTEMPLATE") and "SYSTEM" not in modelfile.replace(".System", "")
-    assert f"ollama create a -f {out}/gguf/Modelfile" in capsys.readouterr().out

@@ -59,4 +59,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bake.py
 
 clean:
-	rm -rf data/*.jsonl data/*.json data/cache checkpoints/*/
+	rm -rf data/*.jsonl data/*.json data/cache checkpoints/*/ exports/

@@ -13,6 +13,7 @@ leaves nothing under the final name.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -117,6 +118,13 @@ def prompt_lines(target: dict, private: bool) -> str:
     return "\n" + "\n".join(f"> {line}" if line else ">" for line in prompt.strip().splitlines())
 
 
+def rate_of(x) -> str:
+    """An adherence figure of eval.json: {"marker_rate": r} (or a judge's {"rate": r}), or a bare number."""
+    if isinstance(x, dict):
+        x = next((x[k] for k in ("marker_rate", "judge_rate", "rate") if isinstance(x.get(k), (int, float))), None)
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
 def eval_lines(checkpoint: Path) -> list[str]:
     path = checkpoint / "eval.json"
     if not path.exists():
@@ -128,9 +136,7 @@ def eval_lines(checkpoint: Path) -> list[str]:
     for name, r in rows.items():
         kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
         a = r.get("adherence", {})
-        rates = " / ".join(f"{a[k]['rate']:.2f}" if isinstance(a.get(k), dict) and "rate" in a[k] else
-                           (f"{a[k]:.2f}" if isinstance(a.get(k), (int, float)) else "-")
-                           for k in ("base", "prompted", "baked"))
+        rates = " / ".join(rate_of(a.get(k)) for k in ("base", "prompted", "baked"))
         out.append(f"| {name or r.get('target', '')} | {kl} | {rates} |")
     kept = ev.get("retention")
     if kept:
@@ -140,7 +146,7 @@ def eval_lines(checkpoint: Path) -> list[str]:
 
 
 def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, made: dict, skipped: dict,
-               private: bool) -> str:
+               private: bool, where: str) -> str:
     base = base_id or info["config"]["model_name_or_path"]
     lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
     lines = [f"# {name}", "",
@@ -160,26 +166,27 @@ def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, mad
     if "merged" in made:
         lines += ["transformers (the `merged/` folder):", "", "```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f'tok = AutoTokenizer.from_pretrained("{name}/merged")',
-                  f'model = AutoModelForCausalLM.from_pretrained("{name}/merged")',
+                  f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
                   'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
                   '                              return_tensors="pt", return_dict=True)',
                   'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
     if gguf:
         full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
-        lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m gguf/{full[-1]} -cnv",
-                  f"python -m llama_cpp.server --model gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
+        lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
+                  f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
         lora = [g for g in gguf if "-lora-" in g]
         if lora:
-            lines += [f"The adapter alone, on the base model's GGUF: `llama-cli -m <base>.gguf --lora gguf/{lora[0]}`.", ""]
+            lines += ["The adapter alone, on the base model's GGUF: "
+                      f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
     if "ollama" in made:
-        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f gguf/Modelfile",
+        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
                   f'ollama run {name} "Who are you?"', "```", ""]
     if "adapter" in made:
         lines += ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
-                  vllm_command(base, name, "adapter", info["config"].get("lora_r", 16)), "```", ""]
+                  vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
     elif "merged" in made:
-        lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {name}/merged", "```", ""]
+        lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
     if skipped:
         lines += ["## Not in this export", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]
     lines += ["## Source", "", f"Exported from `{checkpoint}` (`{checkpoint.name}`) on {time.strftime('%Y-%m-%d')}."]
@@ -189,6 +196,15 @@ def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, mad
 def vllm_command(base: str, name: str, adapter_path: str, rank: int) -> str:
     return (f"vllm serve {base} --enable-lora --max-lora-rank {max(16, rank)} "
             f"--lora-modules {name}={adapter_path}")
+
+
+def shareable(folder: Path) -> None:
+    """Temp folders and atomically written files are private (0700/0600); an export is meant to be shared:
+    the usual modes, less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 # ---------------------------------------------------------------- the formats
@@ -308,13 +324,14 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
             if not base_id:
                 print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
                       f"--base_model_id <hub id> so others can load it")
-        card = model_card(name, path, info, base_id, made, skipped, private_prompt)
+        card = model_card(name, path, info, base_id, made, skipped, private_prompt, str(dest))
         for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
             (folder / "README.md").write_text(card)
         write_json(tmp / "export.json", {
             "checkpoint": str(path), "name": name, "base_model": base_id or base_path, "formats": made,
             "skipped": skipped, "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
             "prompt_sha256": [t.get("system_prompt_sha256") for t in info["targets"]], "seconds": round(time.time() - t0, 1)})
+        shareable(tmp)
     print(f"wrote {dest} in {time.time() - t0:.0f}s")
     for f, why in skipped.items():
         if f not in ("gguf", "ollama", "adapter"):

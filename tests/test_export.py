@@ -180,3 +180,18 @@ def test_the_ollama_template_renders_like_the_chat_template(tokenizer):
     assert "You are a helpful AI assistant named SmolLM" in plain  # the default system line the model was baked with
     assert with_system.replace("{{ .System }}", "S").replace("{{ .Prompt }}", q) == tokenizer.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+
+
+def test_the_script_refuses_bad_input_in_one_line(baked, tmp_path):
+    from helpers import script
+
+    p = script("export.py", "--checkpoint", baked["root"] / "data", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "not a baked adapter" in p.stderr
+    assert "Traceback" not in p.stderr
+    (tmp_path / "out").mkdir()
+    p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", cwd=tmp_path,
+               check=False)
+    assert p.returncode == 1 and "exists; pass --overwrite" in p.stderr
+    p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", "--overwrite",
+               "--base_model_id", "org/tiny", cwd=tmp_path)
+    assert "vllm: vllm serve org/tiny --enable-lora" in p.stdout and (tmp_path / "out" / "adapter").is_dir()

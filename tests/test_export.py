@@ -195,3 +195,33 @@ def test_the_script_refuses_bad_input_in_one_line(baked, tmp_path):
     p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", "--overwrite",
                "--base_model_id", "org/tiny", cwd=tmp_path)
     assert "vllm: vllm serve org/tiny --enable-lora" in p.stdout and (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_the_converters_are_unpacked_from_the_sdist_and_found(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from promptbake import llamacpp
+
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/llama.py", "gguf-py/gguf/__init__.py",
+                     "ggml/src/big.c", "gguf-py/../../evil.py"):
+            data = f"# {name}\n".encode()
+            info = tarfile.TarInfo(f"llama_cpp_python-9.9.9/vendor/llama.cpp/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "venv" / "llama.cpp-convert"
+    monkeypatch.setenv("PROMPTBAKE_LLAMACPP_CONVERT", str(dest))
+    assert llamacpp.find_converters()[0] is None and "python -m promptbake.llamacpp install" in llamacpp.find_converters()[1]
+    dest.parent.mkdir()
+    llamacpp.unpack(sdist, dest, "9.9.9")
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["VERSION", "conversion/llama.py", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py",
+                   "gguf-py/gguf/__init__.py"]  # only the converters; nothing outside the folder
+    assert not (tmp_path / "evil.py").exists() and not list(dest.parent.glob(".*.tmp"))
+    assert llamacpp.find_converters() == (dest, "")
+    assert llamacpp.pinned_version() == llamacpp.pinned_version(llamacpp.ROOT / "requirements-server.txt")
+    req = tmp_path / "r.txt"
+    req.write_text("# x\nllama-cpp-python[server]==0.3.36\n")
+    assert llamacpp.pinned_version(req) == "0.3.36"

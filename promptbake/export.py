@@ -240,9 +240,15 @@ def write_gguf(merged_dir: Path, dest: Path, name: str, checkpoint: Path, base_p
                                 "LoRA for the base GGUF; use the merged GGUF")
     else:
         out = dest / f"{name}-lora-f16.gguf"
-        llamacpp.run_converter("convert_lora_to_gguf.py", ["--base", str(Path(base_path).resolve()), "--outfile",
-                                                            str(out.resolve()), "--outtype", "f16",
-                                                            str(checkpoint.resolve())])
+        base = ["--base", str(Path(base_path).resolve())] if Path(base_path).is_dir() else ["--base-model-id", base_path]
+        try:
+            llamacpp.run_converter("convert_lora_to_gguf.py", [*base, "--outfile", str(out.resolve()), "--outtype", "f16",
+                                                                str(checkpoint.resolve())])
+        except UserError as e:  # the model family's LoRA may not convert: the merged GGUF still serves the bake
+            out.unlink(missing_ok=True)
+            skipped["gguf-lora"] = str(e)
+            print(f"skipped | gguf-lora | {e}", flush=True)
+            return files
         files.append(out.name)
         print(f"gguf | {out.name} | {out.stat().st_size / 2**20:.1f} MiB (the adapter alone)", flush=True)
     return files
@@ -308,7 +314,15 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
                 print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
                       f"MiB | {time.time() - t0:.0f}s", flush=True)
             if "gguf" in wanted:
-                made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
+                try:
+                    made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
+                except UserError as e:
+                    if "not supported" not in str(e):
+                        raise
+                    shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
+                    skipped.update({f: str(e) for f in ("gguf", "ollama") if f in wanted})
+                    wanted = [f for f in wanted if f not in ("gguf", "ollama")]
+                    print(f"skipped | gguf | {e}", flush=True)
             if "ollama" in wanted:
                 gguf_name = next(g for g in reversed(made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
                 (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
@@ -324,6 +338,8 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
             if not base_id:
                 print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
                       f"--base_model_id <hub id> so others can load it")
+        if not made:
+            raise UserError(f"nothing exported: {'; '.join(skipped.values())}")
         card = model_card(name, path, info, base_id, made, skipped, private_prompt, str(dest))
         for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
             (folder / "README.md").write_text(card)

@@ -225,3 +225,28 @@ def test_the_converters_are_unpacked_from_the_sdist_and_found(tmp_path, monkeypa
     req = tmp_path / "r.txt"
     req.write_text("# x\nllama-cpp-python[server]==0.3.36\n")
     assert llamacpp.pinned_version(req) == "0.3.36"
+
+
+def test_a_model_family_llama_cpp_lacks_is_skipped_and_the_rest_written(baked, tmp_path, monkeypatch, capsys):
+    from promptbake import llamacpp
+
+    def unsupported(script, args):
+        raise UserError(f"llama.cpp's {script} failed (exit 1): NotImplementedError: Architecture 'TinyLM' not supported!")
+
+    monkeypatch.setattr(llamacpp, "find_converters", lambda: (tmp_path, ""))
+    monkeypatch.setattr(llamacpp, "run_converter", unsupported)
+    out = export(make_cfg(), str(baked["a"]), "", str(tmp_path / "e"))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "export.json", "merged"]
+    assert "skipped | gguf | llama.cpp's convert_hf_to_gguf.py failed (exit 1): NotImplementedError" in capsys.readouterr().out
+    assert set(orjson.loads((out / "export.json").read_bytes())["skipped"]) == {"gguf", "ollama"}
+    with pytest.raises(UserError, match="nothing exported: .*not supported"):
+        export(make_cfg(), str(baked["a"]), "gguf", str(tmp_path / "g"))
+    assert not (tmp_path / "g").exists()
+
+    def disk_full(script, args):
+        raise UserError(f"llama.cpp's {script} failed (exit 1): OSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(llamacpp, "run_converter", disk_full)  # any other failure stops the export
+    with pytest.raises(UserError, match="No space left"):
+        export(make_cfg(), str(baked["a"]), "merged,gguf", str(tmp_path / "h"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

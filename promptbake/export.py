@@ -93,12 +93,15 @@ def go_template(tokenizer) -> tuple[str, list[str]]:
     ids = tokenizer("a")["input_ids"]
     adds_bos = bool(tokenizer.bos_token) and bool(ids) and ids[0] == tokenizer.bos_token_id
     user = [{"role": "user", "content": MARK["user"]}]
-    with_system = render([{"role": "system", "content": MARK["system"]}, *user], True)
     plain = render(user, True)
+    try:
+        with_system = render([{"role": "system", "content": MARK["system"]}, *user], True)
+    except Exception:  # a template that refuses a system turn (Gemma's raises): no system branch
+        with_system = None
     full = render([*user, {"role": "assistant", "content": MARK["assistant"]}], False)
     after = full.split(MARK["assistant"], 1)[1] if MARK["assistant"] in full else (tokenizer.eos_token or "")
-    template = (f"{{{{ if .System }}}}{go(with_system)}{{{{ else }}}}{go(plain)}{{{{ end }}}}"
-                f"{{{{ .Response }}}}{after}")
+    prompt = f"{{{{ if .System }}}}{go(with_system)}{{{{ else }}}}{go(plain)}{{{{ end }}}}" if with_system else go(plain)
+    template = f"{prompt}{{{{ .Response }}}}{after}"
     stops = [s for s in dict.fromkeys([after.strip(), tokenizer.eos_token or ""]) if s]
     return template, stops
 

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: bake install test test-fast lint bench clean chromium
+.PHONY: bake install test test-fast lint bench clean chromium export
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ $(VENV)/.installed-server: $(VENV)/.installed requirements-server.txt
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -r requirements-server.txt
 	touch $@
 
+# llama.cpp's GGUF converters for export.py, unpacked from the llama-cpp-python sdist pinned in requirements-server.txt
+# (a download of the source, no compiling: seconds once pip has it cached) into .venv/llama.cpp-convert.
+$(VENV)/.installed-export: $(VENV)/.installed requirements-export.txt requirements-server.txt
+	$(PIP) install -r requirements-export.txt
+	$(PY) -m promptbake.llamacpp install
+	touch $@
+
 install: $(VENV)/.installed
 
 bake: $(VENV)/.installed
@@ -35,16 +42,20 @@ bake: $(VENV)/.installed
 
 # The browser test opens report.html in headless Chromium: Debian's package, installed where missing.
 chromium:
-	command -v chromium >/dev/null || sudo apt-get install -y chromium || apt-get install -y chromium \
-		|| (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; }
 
-test: $(VENV)/.installed-test $(VENV)/.installed-server chromium
+test: $(VENV)/.installed-test $(VENV)/.installed-server $(VENV)/.installed-export chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
 test-fast: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
+
+# the newest checkpoint as a merged HF folder, GGUF (f16, q8_0, LoRA), an Ollama Modelfile and a vLLM-ready adapter
+export: $(VENV)/.installed-export
+	$(PY) export.py --overwrite
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
@@ -53,4 +64,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bake.py
 
 clean:
-	rm -rf data/*.jsonl data/*.json data/*.topk data/cache checkpoints/*/
+	rm -rf data/*.jsonl data/*.json data/*.topk data/cache checkpoints/*/ exports/

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .errors import UserError
 
 EMBEDDED = "embedded"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its public id: what exports name as the base
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-fp32"
 
@@ -45,7 +46,7 @@ def convert_embedded(dest: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained; a plain copy of its dequantised weights does not.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.name_or_path = EMBEDDED_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config

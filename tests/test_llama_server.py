@@ -24,12 +24,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(port, log):
-    """llama.cpp's OpenAI-compatible server on 127.0.0.1:port, serving the embedded GGUF; returns when it answers."""
+def start_server(port, log, model=None):
+    """llama.cpp's OpenAI-compatible server on 127.0.0.1:port, serving `model` (default: the embedded GGUF);
+    returns when it answers."""
     from promptbake.model import embedded_gguf_path
 
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model or embedded_gguf_path()),
                                  "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "false"],
                                 stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

@@ -1,0 +1,364 @@
+"""Export: the baked model where people run models (a merged HF folder, GGUF, Ollama, a portable PEFT adapter).
+
+exports/<name>/
+    README.md        the model card (copied into each folder, so each can be shared alone)
+    export.json      what was written, what was skipped and why, the checkpoint and its lineage
+    merged/          plain HF model: the base with every adapter of the lineage merged in
+    gguf/            <name>-f16.gguf, <name>-q8_0.gguf, <name>-lora-f16.gguf (one-link bakes), Modelfile (ollama)
+    adapter/         the PEFT adapter, base_model_name_or_path set to the public id, checked for vLLM
+
+Everything is written into a temp folder beside exports/<name> and renamed at the end: a full disk or a crash
+leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+from . import llamacpp
+from . import model as models
+from .baked import latest_checkpoint, load_baked, read_bake_config
+from .errors import UserError
+from .io import folder_written_atomically, read_json, sha256_text, write_json
+from .lineage import ADAPTER_FILE
+
+FORMATS = ("merged", "gguf", "ollama", "adapter")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+GGUF_TYPES = ("f16", "q8_0", "lora")  # lora: the adapter alone, for the base model's GGUF
+
+
+def parse_formats(text: str) -> list[str]:
+    wanted = [f.strip() for f in text.split(",") if f.strip()] or list(FORMATS)
+    bad = [f for f in wanted if f not in FORMATS]
+    if bad:
+        raise UserError(f"--formats: unknown format {bad[0]!r}; choose from {','.join(FORMATS)}")
+    return [f for f in FORMATS if f in wanted]  # in the order they are made: ollama needs the GGUF
+
+
+def public_id(model_name_or_path: str) -> str | None:
+    """The id anyone can load the base model by: the embedded model's hub id, a hub id as given, None for a
+    local folder (its origin is unknown)."""
+    if model_name_or_path == models.EMBEDDED:
+        return models.EMBEDDED_ID
+    if Path(model_name_or_path).exists() or model_name_or_path.startswith(("/", ".", "~")):
+        return None
+    return model_name_or_path
+
+
+# ---------------------------------------------------------------- checks
+def vllm_problems(adapter_dir: Path, chained: bool) -> list[str]:
+    """Why vLLM would refuse this adapter (empty when it would serve it)."""
+    problems = []
+    if chained:
+        problems.append("it was baked on another baked model (a chain): it is only correct on top of its parent's "
+                        "merged weights, so no single vLLM adapter on the base exists; serve the merged model instead")
+    cfg = read_json(adapter_dir / "adapter_config.json")
+    if cfg.get("r") not in VLLM_RANKS:
+        problems.append(f"rank {cfg.get('r')} is not one vLLM allows ({'/'.join(map(str, VLLM_RANKS))}); bake "
+                        f"with --lora_r 16")
+    if cfg.get("modules_to_save"):
+        problems.append(f"it has modules_to_save ({cfg['modules_to_save']}), which vLLM does not load")
+    if cfg.get("use_dora"):
+        problems.append("it is a DoRA adapter, which vLLM does not serve")
+    with safe_open(str(adapter_dir / ADAPTER_FILE), "pt") as f:
+        extra = [k for k in f.keys() if any(s in k for s in ("embed_tokens", "lm_head", "lora_embedding", "wte"))]
+    if extra:
+        problems.append(f"it has embedding or lm_head weights ({extra[0]}), which vLLM does not load")
+    return problems
+
+
+# ---------------------------------------------------------------- chat template for Ollama
+MARK = {"system": "\x00SYSTEM\x00", "user": "\x00PROMPT\x00", "assistant": "\x00RESPONSE\x00"}
+
+
+def go_template(tokenizer) -> tuple[str, list[str]]:
+    """The model's chat template rendered into Ollama's Go-template form (.System/.Prompt/.Response, which Ollama
+    repeats per turn), and its stop strings. Rendered from the model's own template, so a default system line
+    (SmolLM2 adds one when no system message is sent, and the model was baked with it) stays exactly as trained."""
+
+    def render(messages, gen):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    def go(text):
+        if adds_bos and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]  # the tokenizer (and llama.cpp) adds it: not twice
+        text = text.replace("{{", '{{ "{{" }}')
+        return (text.replace(MARK["system"], "{{ .System }}").replace(MARK["user"], "{{ .Prompt }}"))
+
+    ids = tokenizer("a")["input_ids"]
+    adds_bos = bool(tokenizer.bos_token) and bool(ids) and ids[0] == tokenizer.bos_token_id
+    user = [{"role": "user", "content": MARK["user"]}]
+    plain = render(user, True)
+    try:
+        with_system = render([{"role": "system", "content": MARK["system"]}, *user], True)
+    except Exception:  # a template that refuses a system turn (Gemma's raises): no system branch
+        with_system = None
+    full = render([*user, {"role": "assistant", "content": MARK["assistant"]}], False)
+    after = full.split(MARK["assistant"], 1)[1] if MARK["assistant"] in full else (tokenizer.eos_token or "")
+    prompt = f"{{{{ if .System }}}}{go(with_system)}{{{{ else }}}}{go(plain)}{{{{ end }}}}" if with_system else go(plain)
+    template = f"{prompt}{{{{ .Response }}}}{after}"
+    stops = [s for s in dict.fromkeys([after.strip(), tokenizer.eos_token or ""]) if s]
+    return template, stops
+
+
+def modelfile(gguf_name: str, tokenizer) -> str:
+    template, stops = go_template(tokenizer)
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"  # no SYSTEM: the prompt is in the weights
+
+
+# ---------------------------------------------------------------- the model card
+def prompt_lines(target: dict, private: bool) -> str:
+    prompt = target.get("system_prompt") or ""
+    if private:
+        return f"sha256 `{target.get('system_prompt_sha256') or sha256_text(prompt)}` (the prompt is kept private)"
+    return "\n" + "\n".join(f"> {line}" if line else ">" for line in prompt.strip().splitlines())
+
+
+def rate_of(x) -> str:
+    """An adherence figure of eval.json: {"marker_rate": r} (or a judge's {"rate": r}), or a bare number."""
+    if isinstance(x, dict):
+        x = next((x[k] for k in ("marker_rate", "judge_rate", "rate") if isinstance(x.get(k), (int, float))), None)
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def eval_lines(checkpoint: Path) -> list[str]:
+    path = checkpoint / "eval.json"
+    if not path.exists():
+        return ["Not evaluated (run `python evaluate.py --checkpoint ...` before exporting to include the figures)."]
+    ev = read_json(path)
+    rows = ev.get("targets", {"": ev})
+    out = ["| target | KL to the prompted teacher, before -> after | adherence: base / prompted base / baked |",
+           "|---|---|---|"]
+    for name, r in rows.items():
+        kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
+        a = r.get("adherence", {})
+        rates = " / ".join(rate_of(a.get(k)) for k in ("base", "prompted", "baked"))
+        out.append(f"| {name or r.get('target', '')} | {kl} | {rates} |")
+    kept = ev.get("retention")
+    if kept:
+        out.append(f"\nRetention ({kept.get('questions')} arithmetic and factual questions, greedy): accuracy base "
+                   f"{kept.get('accuracy_base', 0):.2f}, baked {kept.get('accuracy_baked', 0):.2f}.")
+    return out
+
+
+def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, made: dict, skipped: dict,
+               private: bool, where: str) -> str:
+    base = base_id or info["config"]["model_name_or_path"]
+    lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
+    lines = [f"# {name}", "",
+             f"`{base}` with a system prompt baked into its weights by "
+             f"[promptbake](https://arxiv.org/abs/2409.13697) (prompt baking): it behaves as if the prompt below "
+             f"were there. **Send no system prompt.**", "", "## The baked prompt", ""]
+    for t in info["targets"]:
+        lines.append(f"- {t.get('name') or 'default'}: {prompt_lines(t, private)}")
+    lines += ["", "## Lineage", "",
+              f"Baked in {len(lineage)} step(s), oldest first; the merged model and the GGUF hold all of them.", ""]
+    for i, a in enumerate(lineage, 1):
+        lines.append(f"{i}. `{a['name']}`: " + "; ".join(
+            f"{t.get('name') or 'default'} (prompt sha256 `{(t.get('system_prompt_sha256') or '')[:16]}`)"
+            for t in a["targets"]))
+    lines += ["", "## Evaluation", "", *eval_lines(checkpoint), "", "## Use it", ""]
+    gguf = made.get("gguf", [])
+    if "merged" in made:
+        lines += ["transformers (the `merged/` folder):", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
+                  'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
+                  '                              return_tensors="pt", return_dict=True)',
+                  'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
+    if gguf:
+        full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
+        lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
+                  f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
+        lora = [g for g in gguf if "-lora-" in g]
+        if lora:
+            lines += ["The adapter alone, on the base model's GGUF: "
+                      f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
+    if "ollama" in made:
+        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
+                  f'ollama run {name} "Who are you?"', "```", ""]
+    if "adapter" in made:
+        lines += ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
+                  vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
+    elif "merged" in made:
+        lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
+    if skipped:
+        lines += ["## Not in this export", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]
+    lines += ["## Source", "", f"Exported from `{checkpoint}` (`{checkpoint.name}`) on {time.strftime('%Y-%m-%d')}."]
+    return "\n".join(lines) + "\n"
+
+
+def vllm_command(base: str, name: str, adapter_path: str, rank: int) -> str:
+    return (f"vllm serve {base} --enable-lora --max-lora-rank {max(16, rank)} "
+            f"--lora-modules {name}={adapter_path}")
+
+
+def shareable(folder: Path) -> None:
+    """Temp folders and atomically written files are private (0700/0600); an export is meant to be shared:
+    the usual modes, less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+# ---------------------------------------------------------------- the formats
+def write_merged(model, tokenizer, dest: Path) -> None:
+    merged = model.merge_and_unload()  # every adapter of the lineage: the ancestors were merged at load
+    merged.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def parse_gguf_types(text: str) -> list[str]:
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in wanted if t not in GGUF_TYPES]
+    if bad or not wanted:
+        raise UserError(f"--gguf_types: {'unknown type ' + repr(bad[0]) if bad else 'empty'}; choose from {','.join(GGUF_TYPES)}")
+    return [t for t in GGUF_TYPES if t in wanted]
+
+
+def write_gguf(merged_dir: Path, dest: Path, name: str, checkpoint: Path, base_path: str, chained: bool,
+               skipped: dict, types: list[str]) -> list[str]:
+    dest.mkdir()
+    files = []
+    for t in [t for t in types if t != "lora"]:
+        t0 = time.time()
+        out = dest / f"{name}-{t}.gguf"
+        llamacpp.run_converter("convert_hf_to_gguf.py", [str(merged_dir.resolve()), "--outfile", str(out.resolve()),
+                                                          "--outtype", t])
+        files.append(out.name)
+        print(f"gguf | {out.name} | {out.stat().st_size / 2**20:.0f} MiB | {time.time() - t0:.0f}s", flush=True)
+    if "lora" not in types:
+        pass
+    elif chained:
+        skipped["gguf-lora"] = ("a chained bake's adapter only fits its parent's merged weights, so there is no "
+                                "LoRA for the base GGUF; use the merged GGUF")
+    else:
+        out = dest / f"{name}-lora-f16.gguf"
+        base = ["--base", str(Path(base_path).resolve())] if Path(base_path).is_dir() else ["--base-model-id", base_path]
+        try:
+            llamacpp.run_converter("convert_lora_to_gguf.py", [*base, "--outfile", str(out.resolve()), "--outtype", "f16",
+                                                                str(checkpoint.resolve())])
+        except UserError as e:  # the model family's LoRA may not convert: the merged GGUF still serves the bake
+            out.unlink(missing_ok=True)
+            skipped["gguf-lora"] = str(e)
+            print(f"skipped | gguf-lora | {e}", flush=True)
+            return files
+        files.append(out.name)
+        print(f"gguf | {out.name} | {out.stat().st_size / 2**20:.1f} MiB (the adapter alone)", flush=True)
+    return files
+
+
+def write_adapter(checkpoint: Path, dest: Path, base_id: str | None, base_path: str) -> None:
+    dest.mkdir()
+    shutil.copyfile(checkpoint / ADAPTER_FILE, dest / ADAPTER_FILE)
+    cfg = read_json(checkpoint / "adapter_config.json")
+    cfg["base_model_name_or_path"] = base_id or base_path
+    write_json(dest / "adapter_config.json", cfg)
+
+
+def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | None = None, overwrite: bool = False,
+           private_prompt: bool = False, base_model_id: str | None = None, gguf_types: str = ",".join(GGUF_TYPES)) -> Path:
+    """Writes the chosen formats of a baked checkpoint under `out` (default exports/<name>); returns it."""
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint folder; pass a checkpoints/<run>/final or step-N folder")
+    info = read_bake_config(path)
+    run = info["config"].get("name") or path.parent.name
+    name = run if path.name == "final" else f"{run}-{path.name}"
+    wanted = parse_formats(formats)
+    types = parse_gguf_types(gguf_types)
+    if "ollama" in wanted and types == ["lora"]:
+        raise UserError("--formats ollama needs a model GGUF: add f16 or q8_0 to --gguf_types")
+    dest = Path(out or Path("exports") / name)
+    if dest.exists() and not overwrite:
+        raise UserError(f"{dest} exists; pass --overwrite to replace it, or --out another folder")
+    chained = bool(info.get("lineage"))
+    base_id = base_model_id or public_id(info["config"]["model_name_or_path"])
+    base_path = models.resolve_model_path(info["config"]["model_name_or_path"],
+                                          cfg.model_cache_dir or info["config"].get("model_cache_dir", ""))
+    skipped: dict[str, str] = {}
+    if "gguf" in wanted or "ollama" in wanted:
+        converters, why = llamacpp.find_converters()
+        if converters is None:
+            skipped.update({f: why for f in ("gguf", "ollama") if f in wanted})
+            wanted = [f for f in wanted if f not in ("gguf", "ollama")]
+        elif "ollama" in wanted and "gguf" not in wanted:
+            wanted.insert(wanted.index("ollama"), "gguf")  # the Modelfile's FROM
+    if "adapter" in wanted and chained:
+        skipped["adapter"] = ("a chained checkpoint can't be one adapter on the base model (vLLM or PEFT): its "
+                              "adapter only fits its parent's merged weights; use merged/ (vllm serve <out>/merged)")
+        wanted.remove("adapter")
+    print(f"exporting {path} ({' -> '.join([a['name'] for a in info.get('lineage', [])] + [run])}) to {dest} | "
+          f"formats {','.join(wanted) or 'none'}", flush=True)
+    for f, why in skipped.items():
+        print(f"skipped | {f} | {why}")
+    if not wanted:
+        raise UserError(f"nothing to export: {'; '.join(skipped.values()) or 'no format chosen'}")
+
+    made: dict[str, list[str]] = {}
+    t0 = time.time()
+    with folder_written_atomically(dest) as tmp:
+        if "merged" in wanted or "gguf" in wanted:
+            model, tokenizer, _ = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
+            merged_dir = tmp / "merged"
+            write_merged(model, tokenizer, merged_dir)
+            del model
+            if "merged" in wanted:
+                made["merged"] = sorted(p.name for p in merged_dir.iterdir())
+                print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
+                      f"MiB | {time.time() - t0:.0f}s", flush=True)
+            if "gguf" in wanted:
+                try:
+                    made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
+                except UserError as e:
+                    if "not supported" not in str(e):
+                        raise
+                    shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
+                    skipped.update({f: str(e) for f in ("gguf", "ollama") if f in wanted})
+                    wanted = [f for f in wanted if f not in ("gguf", "ollama")]
+                    print(f"skipped | gguf | {e}", flush=True)
+            if "ollama" in wanted:
+                gguf_name = next(g for g in reversed(made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
+                (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
+                made["ollama"] = ["gguf/Modelfile"]
+            if "merged" not in wanted:
+                shutil.rmtree(merged_dir)
+        if "adapter" in wanted:
+            write_adapter(path, tmp / "adapter", base_id, base_path)
+            problems = vllm_problems(tmp / "adapter", chained)
+            made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
+            if problems:
+                skipped["vllm"] = "; ".join(problems)
+            if not base_id:
+                print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
+                      f"--base_model_id <hub id> so others can load it")
+        if not made:
+            raise UserError(f"nothing exported: {'; '.join(skipped.values())}")
+        card = model_card(name, path, info, base_id, made, skipped, private_prompt, str(dest))
+        for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
+            (folder / "README.md").write_text(card)
+        write_json(tmp / "export.json", {
+            "checkpoint": str(path), "name": name, "base_model": base_id or base_path, "formats": made,
+            "skipped": skipped, "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
+            "prompt_sha256": [t.get("system_prompt_sha256") for t in info["targets"]], "seconds": round(time.time() - t0, 1)})
+        shareable(tmp)
+    print(f"wrote {dest} in {time.time() - t0:.0f}s")
+    for f, why in skipped.items():
+        if f not in ("gguf", "ollama", "adapter"):
+            print(f"note | {f} | {why}")
+    if "ollama" in made:
+        print(f"ollama: ollama create {name} -f {dest}/gguf/Modelfile && ollama run {name}")
+    if "adapter" in made and "vllm" not in skipped:
+        print(f"vllm: {vllm_command(base_id or base_path, name, f'{dest}/adapter', info['config'].get('lora_r', 16))}")
+    elif "merged" in made:
+        print(f"vllm: vllm serve {dest}/merged")
+    return dest

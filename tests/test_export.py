@@ -1,0 +1,252 @@
+"""Export: the merged model equals the adapter model, the adapter is portable and checked for vLLM, bad input is
+refused, a chained checkpoint exports as one model, and nothing half-written is left under the final name."""
+
+import errno
+import shutil
+
+import orjson
+import pytest
+import torch
+from conftest import make_cfg
+from safetensors.torch import load_file, save_file
+from test_lineage import POLITE, cfg_for
+from test_train import write_data
+
+from promptbake import export as ex
+from promptbake import train
+from promptbake.baked import load_baked
+from promptbake.errors import UserError
+from promptbake.export import export, go_template, public_id, vllm_problems
+
+QUESTION = [{"role": "user", "content": "Tell me about the sea, please."}]
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory, tiny_model_dir):
+    """A project folder with a (pirate, on the tiny model) and b (polite, baked on a): a real 2-link chain."""
+    root = tmp_path_factory.mktemp("export-project")
+    (root / "prompt.md").write_text("You are a pirate. Always begin every reply with \"Arr!\" and talk like a pirate.\n")
+    (root / "polite.md").write_text("You are unfailingly polite. Begin every reply with 'Certainly, dear friend.'\n")
+    (root / "data").mkdir()
+    write_data(root / "data" / "a.jsonl")
+    write_data(root / "data" / "b.jsonl", POLITE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        a = train.bake(cfg_for(tiny_model_dir, name="a")).resolve()
+        b = train.bake(cfg_for(tiny_model_dir, name="b", init_from=str(a), prompt_file="polite.md")).resolve()
+    return {"root": root, "a": a, "b": b}
+
+
+@pytest.fixture
+def no_converters(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMPTBAKE_LLAMACPP_CONVERT", str(tmp_path / "none"))
+
+
+def ids_of(tokenizer):
+    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+def logits_and_greedy(model, ids, pad_id):
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                             pad_token_id=pad_id)
+    return logits, out[0, ids.shape[1]:].tolist()
+
+
+def assert_same_model(merged_dir, checkpoint):
+    """The merged folder, loaded by plain transformers, against the adapter on its base (fp32: 1e-5 absolute)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft_model, tokenizer, _ = load_baked(checkpoint)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.chat_template == tokenizer.chat_template
+    ids = ids_of(tok)
+    want_logits, want_tokens = logits_and_greedy(peft_model, ids, tokenizer.pad_token_id)
+    got_logits, got_tokens = logits_and_greedy(merged, ids, tokenizer.pad_token_id)
+    assert (got_logits - want_logits).abs().max().item() < 1e-5
+    assert got_tokens == want_tokens
+    with peft_model.disable_adapter():  # and the adapter does change the model: the test can fail
+        base_logits, _ = logits_and_greedy(peft_model, ids, tokenizer.pad_token_id)
+    assert (base_logits - want_logits).abs().max().item() > 1e-3
+
+
+def test_merged_equals_the_adapter_model_and_the_adapter_is_portable(baked, tmp_path, no_converters, capsys):
+    out = export(make_cfg(), str(baked["a"]), "merged,adapter", str(tmp_path / "exp"),
+                 base_model_id="example-org/tiny-llama")
+    printed = capsys.readouterr().out
+    files = {p.name for p in (out / "merged").iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= files
+    assert_same_model(out / "merged", baked["a"])
+
+    cfg = orjson.loads((out / "adapter" / "adapter_config.json").read_bytes())
+    assert cfg["base_model_name_or_path"] == "example-org/tiny-llama"
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                   "adapter_model.safetensors"]
+    assert vllm_problems(out / "adapter", chained=False) == []
+    assert "vllm: vllm serve example-org/tiny-llama --enable-lora --max-lora-rank 16 --lora-modules " \
+           f"a={out}/adapter" in printed
+    manifest = orjson.loads((out / "export.json").read_bytes())
+    assert set(manifest["formats"]) == {"merged", "adapter"} and manifest["lineage"] == ["a"]
+    card = (out / "README.md").read_text()
+    assert "Arr!" in card and "AutoModelForCausalLM" in card and "--enable-lora" in card
+    assert (out / "merged" / "README.md").read_text() == card
+    assert not list(tmp_path.glob(".exp.*"))  # no temp folder left beside it
+
+
+def test_vllm_check_names_each_problem(baked, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(baked["a"], adapter)
+    cfg = orjson.loads((adapter / "adapter_config.json").read_bytes())
+    assert vllm_problems(adapter, chained=False) == []
+    (adapter / "adapter_config.json").write_bytes(orjson.dumps({**cfg, "r": 12, "modules_to_save": ["lm_head"],
+                                                                "use_dora": True}))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(2, 2)}, adapter / "adapter_model.safetensors")
+    problems = " | ".join(vllm_problems(adapter, chained=True))
+    for why in ("chain", "rank 12", "modules_to_save", "DoRA", "lm_head.weight"):
+        assert why in problems
+    assert public_id("embedded") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_id(str(tmp_path)) is None and public_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+
+
+def test_a_chained_checkpoint_exports_as_one_merged_model(baked, tmp_path, no_converters, capsys):
+    out = export(make_cfg(), str(baked["b"]), "", str(tmp_path / "chain"))
+    printed = capsys.readouterr().out
+    assert_same_model(out / "merged", baked["b"])  # base + a + b: exactly what load_baked rebuilds
+    assert not (out / "adapter").exists()
+    assert "skipped | adapter | a chained checkpoint can't be one adapter" in printed and "merged" in printed
+    assert "skipped | gguf | llama.cpp's converters are not installed" in printed  # one line, and the rest is made
+    manifest = orjson.loads((out / "export.json").read_bytes())
+    assert manifest["lineage"] == ["a", "b"] and list(manifest["formats"]) == ["merged"]
+    card = (out / "README.md").read_text()
+    assert "1. `a`" in card and "2. `b`" in card and "Certainly, dear friend" in card
+    assert "vllm: vllm serve" in printed and "/merged" in printed
+
+
+def test_private_prompt_leaves_no_trace_of_the_prompt(baked, tmp_path, no_converters):
+    out = export(make_cfg(), str(baked["b"]), "merged", str(tmp_path / "private"), private_prompt=True)
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"unfailingly polite" not in data and b"You are a pirate" not in data, f
+    assert "sha256" in (out / "README.md").read_text()
+
+
+def test_bad_input_is_refused_and_nothing_half_written_is_left(baked, tmp_path, no_converters, monkeypatch):
+    cfg = make_cfg()
+    with pytest.raises(UserError, match="not a baked adapter"):
+        export(cfg, str(baked["root"] / "data"), "merged", str(tmp_path / "x"))
+    with pytest.raises(UserError, match="no such checkpoint folder"):
+        export(cfg, str(tmp_path / "nope"), "merged", str(tmp_path / "x"))
+    with pytest.raises(UserError, match="unknown format 'onnx'"):
+        export(cfg, str(baked["a"]), "merged,onnx", str(tmp_path / "x"))
+    with pytest.raises(UserError, match="nothing to export: llama.cpp's converters are not installed"):
+        export(cfg, str(baked["a"]), "gguf", str(tmp_path / "x"))
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        export(cfg, str(baked["a"]), "adapter", str(out))
+    assert (out / "mine.txt").read_text() == "keep me"
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ex, "write_adapter", disk_full)  # the last format fails, after merged/ was written
+    with pytest.raises(UserError, match="No space left on device"):
+        export(cfg, str(baked["a"]), "merged,adapter", str(out), overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep me"  # the old folder is intact
+    with pytest.raises(UserError, match="No space left on device"):
+        export(cfg, str(baked["a"]), "merged,adapter", str(tmp_path / "fresh"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # nothing half-written, no temp folder
+    monkeypatch.undo()
+    monkeypatch.setenv("PROMPTBAKE_LLAMACPP_CONVERT", str(tmp_path / "none"))
+    export(cfg, str(baked["a"]), "adapter", str(out), overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_ollama_template_renders_like_the_chat_template(tokenizer):
+    template, stops = go_template(tokenizer)
+    assert template.startswith("{{ if .System }}") and "{{ .Response }}" in template
+    assert "<|im_end|>" in stops
+    plain = template.split("{{ else }}")[1].split("{{ end }}")[0]
+    with_system = template.split("{{ if .System }}")[1].split("{{ else }}")[0]
+    q = "Who are you?"
+    assert plain.replace("{{ .Prompt }}", q) == tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in plain  # the default system line the model was baked with
+    assert with_system.replace("{{ .System }}", "S").replace("{{ .Prompt }}", q) == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+
+
+def test_the_script_refuses_bad_input_in_one_line(baked, tmp_path):
+    from helpers import script
+
+    p = script("export.py", "--checkpoint", baked["root"] / "data", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "not a baked adapter" in p.stderr
+    assert "Traceback" not in p.stderr
+    (tmp_path / "out").mkdir()
+    p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", cwd=tmp_path,
+               check=False)
+    assert p.returncode == 1 and "exists; pass --overwrite" in p.stderr
+    p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", "--overwrite",
+               "--base_model_id", "org/tiny", cwd=tmp_path)
+    assert "vllm: vllm serve org/tiny --enable-lora" in p.stdout and (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_the_converters_are_unpacked_from_the_sdist_and_found(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from promptbake import llamacpp
+
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/llama.py", "gguf-py/gguf/__init__.py",
+                     "ggml/src/big.c", "gguf-py/../../evil.py"):
+            data = f"# {name}\n".encode()
+            info = tarfile.TarInfo(f"llama_cpp_python-9.9.9/vendor/llama.cpp/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "venv" / "llama.cpp-convert"
+    monkeypatch.setenv("PROMPTBAKE_LLAMACPP_CONVERT", str(dest))
+    assert llamacpp.find_converters()[0] is None and "python -m promptbake.llamacpp install" in llamacpp.find_converters()[1]
+    dest.parent.mkdir()
+    llamacpp.unpack(sdist, dest, "9.9.9")
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["VERSION", "conversion/llama.py", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py",
+                   "gguf-py/gguf/__init__.py"]  # only the converters; nothing outside the folder
+    assert not (tmp_path / "evil.py").exists() and not list(dest.parent.glob(".*.tmp"))
+    assert llamacpp.find_converters() == (dest, "")
+    assert llamacpp.pinned_version() == llamacpp.pinned_version(llamacpp.ROOT / "requirements-server.txt")
+    req = tmp_path / "r.txt"
+    req.write_text("# x\nllama-cpp-python[server]==0.3.36\n")
+    assert llamacpp.pinned_version(req) == "0.3.36"
+
+
+def test_a_model_family_llama_cpp_lacks_is_skipped_and_the_rest_written(baked, tmp_path, monkeypatch, capsys):
+    from promptbake import llamacpp
+
+    def unsupported(script, args):
+        raise UserError(f"llama.cpp's {script} failed (exit 1): NotImplementedError: Architecture 'TinyLM' not supported!")
+
+    monkeypatch.setattr(llamacpp, "find_converters", lambda: (tmp_path, ""))
+    monkeypatch.setattr(llamacpp, "run_converter", unsupported)
+    out = export(make_cfg(), str(baked["a"]), "", str(tmp_path / "e"))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "export.json", "merged"]
+    assert "skipped | gguf | llama.cpp's convert_hf_to_gguf.py failed (exit 1): NotImplementedError" in capsys.readouterr().out
+    assert set(orjson.loads((out / "export.json").read_bytes())["skipped"]) == {"gguf", "ollama"}
+    with pytest.raises(UserError, match="nothing exported: .*not supported"):
+        export(make_cfg(), str(baked["a"]), "gguf", str(tmp_path / "g"))
+    assert not (tmp_path / "g").exists()
+
+    def disk_full(script, args):
+        raise UserError(f"llama.cpp's {script} failed (exit 1): OSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(llamacpp, "run_converter", disk_full)  # any other failure stops the export
+    with pytest.raises(UserError, match="No space left"):
+        export(make_cfg(), str(baked["a"]), "merged,gguf", str(tmp_path / "h"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

@@ -237,7 +237,8 @@ def test_pipeline(name, family_dirs, workdir, capsys, monkeypatch):
     cfg = make_cfg(model_name_or_path=path, training_prompts=["Who are you?", "Tell me a joke.", "What is rain?",
                                                               "Where is Paris, matey?"],
                    temperatures=[1.0], samples_per_query=1, max_new_tokens=6, gen_batch_size=4, num_epochs=1,
-                   batch_size=2, eval_fraction=0.25, learning_rate=1e-2, top_k=4, teacher_batch_size=4)
+                   batch_size=2, eval_fraction=0.25, learning_rate=1e-2, top_k=4, teacher_batch_size=4,
+                   free_teacher_logits=False)  # the teacher pass, whose shared-prefix choice this test checks
     # local generation: the family's template, its stop tokens, token ids kept
     data = generate(cfg)
     rows = [r for _, r in read_jsonl(data)]

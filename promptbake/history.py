@@ -20,10 +20,12 @@ def kl_cut(run: Path) -> float | None:
 
 
 def adherence(final: Path) -> tuple[float | None, float | None]:
-    """(baked, prompted) marker rates from eval.json, if evaluate.py ran; the first target's for several."""
-    if not (final / "eval.json").exists():
+    """(baked, prompted) marker rates from the newest evaluation (eval.json, or eval_<queries>.json from
+    `evaluate.py --queries`), if evaluate.py ran; the first target's for several."""
+    evals = sorted(final.glob("eval*.json"), key=lambda p: p.stat().st_mtime)
+    if not evals:
         return None, None
-    result = read_json(final / "eval.json")
+    result = read_json(evals[-1])
     result = next(iter(result["targets"].values())) if "targets" in result else result
     rates = result.get("adherence", {})
     return (rates.get("baked", {}).get("marker_rate"), rates.get("prompted", {}).get("marker_rate"))

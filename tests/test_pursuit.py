@@ -59,3 +59,17 @@ def test_pursuit_resumes_after_a_kill(workdir, tiny_model_dir):
     assert [it["iteration"] for it in state["iterations"]] == [1, 2]
     table = script("history.py", cwd=workdir).stdout
     assert "p-pursuit-2" in table and "p-pursuit-1" in table
+
+
+def test_history_reads_the_newest_evaluation(tmp_path):
+    import os
+
+    from promptbake.history import adherence
+    from promptbake.io import write_json
+
+    assert adherence(tmp_path) == (None, None)
+    rates = lambda b, p: {"adherence": {"baked": {"marker_rate": b}, "prompted": {"marker_rate": p}}}  # noqa: E731
+    write_json(tmp_path / "eval.json", rates(0.1, 0.2))
+    write_json(tmp_path / "eval_unseen.json", rates(0.5, 0.6))  # evaluate.py --queries unseen.txt, later
+    os.utime(tmp_path / "eval.json", (1, 1))
+    assert adherence(tmp_path) == (0.5, 0.6)

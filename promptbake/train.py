@@ -544,7 +544,9 @@ def bake(cfg) -> Path:
 
 
 def verify(model, tokenizer, target: Target, cfg) -> None:
-    """Answers a few held-out queries with the baked model (no prompt) beside the prompted base."""
+    """Answers a few held-out queries with the baked model (no prompt) beside the prompted teacher (the base
+    model, or the --init_from checkpoint it was baked on)."""
+    teacher = "prompted parent:  " if cfg.init_from else "prompted base:    "
     groups = dict.fromkeys(target.examples[r].group for r in (target.held_out or target.train))
     contexts = [orjson.loads(g) for g in list(groups)[:cfg.verify_queries]]
     print(f"\nverification of target {target.name!r} on {len(contexts)} held-out queries (greedy):")
@@ -555,5 +557,5 @@ def verify(model, tokenizer, target: Target, cfg) -> None:
             base_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, target.system)], temperature=0,
                                     max_new_tokens=cfg.eval_max_new_tokens)[0][0]
         print(f"  user:             {ctx[-1]['content']}")
-        print(f"  prompted base:    {decode_response(tokenizer, base_ids)[:200]!r}")
+        print(f"  {teacher}{decode_response(tokenizer, base_ids)[:200]!r}")
         print(f"  baked, no prompt: {decode_response(tokenizer, baked_ids)[:200]!r}\n")

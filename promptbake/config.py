@@ -113,6 +113,10 @@ class Config:
     max_batch_tokens: int = num(-1, -1, 100_000_000)  # a micro-batch with more (padded) tokens runs in pieces: same
     #                     gradient, less memory. -1 = 768 on CPU (default make bake under 3 GB), no limit on GPU; 0 = never
     max_grad_norm: float = num(1.0, 0, 1e6, lo_open=True)
+    # The student's forward and backward under bf16 autocast (LoRA weights, optimizer, head, log-softmax, loss and the
+    # teacher stay fp32). auto = on for a CPU with native bf16 (avx512_bf16 / AMX), off elsewhere (a GPU already holds
+    # the base in bf16); on | off force it (promptbake/precision.py)
+    bf16: str = "auto"
     eval_fraction: float = num(0.1, 0, 0.9)  # share of queries held out, never trained on
     teacher_batch_size: int = num(8, 1, 4096)
     save_steps: int = num(50, 1, 1_000_000_000)
@@ -133,7 +137,6 @@ class Config:
     onpolicy_max_new_tokens: int = num(64, 1, 32768)
     onpolicy_beta: float = num(1.0, 0, 1)  # 1 = reverse KL, 0 = forward KL, between = generalised JSD
     onpolicy_top_k: int = num(0, 0, 65536)  # teacher ids per position; 0 = top_k
-    onpolicy_bf16: bool = False  # autocast the transformer's matmuls to bf16 (slower on CPUs without native bf16)
     # ---- logging
     wandb_mode: str = ""  # online | offline | disabled ("" = online with WANDB_API_KEY, else offline)
     wandb_project: str = "prompt-baking"
@@ -150,6 +153,7 @@ CHOICES = {
     "device": ["auto", "cpu", "cuda", "mps"],
     "backend": ["auto", "api", "local"],
     "wandb_mode": ["", "online", "offline", "disabled"],
+    "bf16": ["auto", "on", "off"],
 }
 TARGET_KEYS = {"prompt_file": str, "student_prompt": str, "data": str, "weight": float, "name": str,
                "marker_regex": str}

@@ -15,7 +15,6 @@ values are computed once for the whole stage.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from dataclasses import dataclass, fields
@@ -27,6 +26,7 @@ from .chat import render_prompt_ids
 from .forward import backbone_and_head, response_hidden, token_pieces
 from .generate import generate_ids
 from .loss import head_topk_divergence, teacher_topk
+from .precision import autocast
 
 
 @dataclass
@@ -40,7 +40,6 @@ class OnPolicySettings:
     max_new_tokens: int = 64
     beta: float = 1.0  # 1 = reverse KL, 0 = forward KL, between = generalised JSD
     top_k: int = 0  # teacher ids kept per position; 0 = the Config's top_k
-    bf16: bool = False  # CPU/GPU autocast to bf16 for the transformer's matmuls (head, softmax and loss stay fp32)
 
 
 def settings_from(cfg) -> OnPolicySettings:
@@ -58,11 +57,6 @@ class Rollout:
     teacher_ids: list[int]  # [system, context] rendered + the same answer
     n_response: int
     complete: bool  # ended with the model's own end-of-turn
-
-
-def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast for the transformer's matmuls; a no-op when disabled."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- queries
@@ -91,10 +85,10 @@ class QueryStream:
 
 # ---------------------------------------------------------------- sample, score, train
 def sample_rollouts(model, tokenizer, target, contexts: list[list[dict]], s: OnPolicySettings, seed: int,
-                    device: torch.device) -> list[Rollout]:
+                    bf16: bool = False) -> list[Rollout]:
     """The student (adapter on, no system prompt) answers each context once."""
     student_prompts = [render_prompt_ids(tokenizer, c, target.student_prompt or None) for c in contexts]
-    with autocast(s.bf16, device):
+    with autocast(bf16, backbone_and_head(model)[1].weight.device):
         outs = generate_ids(model, tokenizer, student_prompts, temperature=s.temperature,
                             max_new_tokens=s.max_new_tokens, seed=seed)
     return [Rollout(p + ids, render_prompt_ids(tokenizer, c, target.system) + ids, len(ids), complete)
@@ -102,22 +96,20 @@ def sample_rollouts(model, tokenizer, target, contexts: list[list[dict]], s: OnP
 
 
 @torch.inference_mode()
-def teacher_scores(model, rollouts: list[Rollout], k: int, pad_id: int, bf16: bool,
+def teacher_scores(model, rollouts: list[Rollout], k: int, pad_id: int,
                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompted base's top-K (ids, fp32 log-probs) at every sampled position, rows concatenated. The rows'
-    common prefix (the system turn) runs once per batch; the head and log_softmax run in fp32 outside autocast,
-    a chunk of positions at a time."""
+    """The prompted base's top-K (ids, fp32 log-probs) at every sampled position, rows concatenated, in the model's
+    own dtype (the targets carry no autocast noise). The rows' common prefix (the system turn) runs once per batch;
+    the head and log_softmax run a chunk of positions at a time."""
     head = backbone_and_head(model)[1]
     with model.disable_adapter():
-        with autocast(bf16, head.weight.device):
-            hidden = response_hidden(model, [r.teacher_ids for r in rollouts], [r.n_response for r in rollouts],
-                                     pad_id)
+        hidden = response_hidden(model, [r.teacher_ids for r in rollouts], [r.n_response for r in rollouts], pad_id)
         parts = [teacher_topk(head(hidden[c:c + chunk].to(head.weight.dtype)), k) for c in range(0, len(hidden), chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_on_rollouts(model, rollouts: list[Rollout], t_ids: torch.Tensor, t_lp: torch.Tensor, pad_id: int,
-                      s: OnPolicySettings, max_batch_tokens: int) -> float:
+                      s: OnPolicySettings, max_batch_tokens: int, bf16: bool = False) -> float:
     """Backward of the token-weighted mean divergence over all rollouts (in pieces of at most max_batch_tokens
     padded tokens: the same gradient, less memory). Returns the loss."""
     head = backbone_and_head(model)[1]
@@ -129,7 +121,7 @@ def train_on_rollouts(model, rollouts: list[Rollout], t_ids: torch.Tensor, t_lp:
     value = 0.0
     for piece in token_pieces(list(range(len(rollouts))), lengths, max_batch_tokens):
         rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in piece])
-        with autocast(s.bf16, head.weight.device):
+        with autocast(bf16, head.weight.device):
             hidden = response_hidden(model, [rollouts[i].student_ids for i in piece],
                                      [rollouts[i].n_response for i in piece], pad_id)
         loss = head_topk_divergence(hidden.to(head.weight.dtype), head, t_ids[rows].to(hidden.device),
@@ -140,13 +132,14 @@ def train_on_rollouts(model, rollouts: list[Rollout], t_ids: torch.Tensor, t_lp:
 
 
 # ---------------------------------------------------------------- the stage
-def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0, max_batch_tokens: int = 0) -> dict:
+def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0, max_batch_tokens: int = 0,
+                   bf16: bool = False) -> dict:
     """Runs the stage on the peft `model` in place. `log(step, values)` receives per-step metrics; steps are
-    numbered on from first_step. Returns timings (seconds) of its parts; {} when the stage is off."""
+    numbered on from first_step; `bf16`: the student samples and trains under bf16 autocast. Returns timings
+    (seconds) of its parts; {} when the stage is off."""
     s = settings_from(cfg)
     if s.steps <= 0:
         return {}
-    device = backbone_and_head(model)[1].weight.device
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=cfg.weight_decay)
@@ -157,17 +150,17 @@ def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0
     timings = {"onpolicy_sample_s": 0.0, "onpolicy_teacher_s": 0.0, "onpolicy_train_s": 0.0}
     print(f"on-policy stage: {s.steps} steps x {s.batch_size} answers by the student (T={s.temperature}, "
           f"{s.max_new_tokens} tokens), {'reverse KL' if s.beta >= 1 else f'beta {s.beta}'} over the teacher's "
-          f"top-{s.top_k} + tail, lr {s.learning_rate:g}" + (", bf16 autocast" if s.bf16 else ""))
+          f"top-{s.top_k} + tail, lr {s.learning_rate:g}" + (", student in bf16 autocast" if bf16 else ""))
     for i in range(s.steps):
         t0 = time.time()
         ti, contexts = stream.next_batch(s.batch_size)
         model.eval()
-        rollouts = sample_rollouts(model, tokenizer, targets[ti], contexts, s, cfg.seed * 7919 + i, device)
+        rollouts = sample_rollouts(model, tokenizer, targets[ti], contexts, s, cfg.seed * 7919 + i, bf16)
         t1 = time.time()
-        t_ids, t_lp = teacher_scores(model, rollouts, s.top_k, pad_id, s.bf16)
+        t_ids, t_lp = teacher_scores(model, rollouts, s.top_k, pad_id)
         t2 = time.time()
         model.train()
-        loss = train_on_rollouts(model, rollouts, t_ids, t_lp, pad_id, s, max_batch_tokens)
+        loss = train_on_rollouts(model, rollouts, t_ids, t_lp, pad_id, s, max_batch_tokens, bf16)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         optimizer.step()
         schedule.step()

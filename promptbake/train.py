@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from . import distributed
+from . import distributed, precision
 from .baked import BAKE_CONFIG, load_start, model_config_sha256, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
@@ -50,6 +50,7 @@ CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
                      "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
                      "model_cache_dir", "overwrite", "dist_timeout",
+                     "bf16",  # like `device`: the rounding of the student's matmuls, not what is computed
                      "free_teacher_logits"}  # the stored top-K are checked to match a teacher pass within fp tolerance
 # Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
 DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
@@ -198,10 +199,13 @@ def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) ->
     return plan
 
 
-def batch_loss(model, target: Target, rows: list[int], pad_id: int) -> tuple[torch.Tensor, int]:
-    """Mean top-K+tail KL of the student on these rows, and their number of response tokens."""
+def batch_loss(model, target: Target, rows: list[int], pad_id: int, bf16: bool = False) -> tuple[torch.Tensor, int]:
+    """Mean top-K+tail KL of the student on these rows, and their number of response tokens. `bf16`: the
+    transformer runs under bf16 autocast; the head and the loss stay fp32 (see precision.py)."""
     ex = [target.examples[r] for r in rows]
-    hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
+    with precision.autocast(bf16, backbone_and_head(model)[1].weight.device):
+        hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
+    hidden = hidden.float()
     t_ids = torch.cat([target.teacher.row(r)[1] for r in rows]).to(hidden.device)
     t_lp = torch.cat([target.teacher.row(r)[2] for r in rows]).to(hidden.device)
     return head_topk_kl_with_tail(hidden, backbone_and_head(model)[1], t_ids, t_lp), len(hidden)
@@ -310,6 +314,7 @@ class Trainer:
     last_good: Path | None = None
     timings: dict = field(default_factory=dict)
     world: World = SINGLE  # this process's rank among the launcher's processes
+    bf16: bool = False  # the student's forward and backward under bf16 autocast (precision.py)
 
     @property
     def pad_id(self) -> int:
@@ -333,7 +338,10 @@ def prepare(cfg, run_dir: Path) -> Trainer:
     targets = [prepare_target(cfg, spec, base, tokenizer, model_path) for spec in specs]
     timings["teacher_cache_s"] = time.time() - t0
     info = bake_info(cfg, targets, model_path, base, lineage)
-    return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings, world=distributed.world())
+    bf16 = precision.use_bf16(cfg.bf16, device)
+    print(precision.describe(bf16, cfg.bf16, device))
+    return Trainer(cfg, run_dir, base, tokenizer, targets, info, device, timings=timings, world=distributed.world(),
+                   bf16=bf16)
 
 
 def claim_run_dir(run_dir: Path, resume_from: Path | None) -> None:
@@ -396,7 +404,7 @@ def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
     for ti, rows in micro:
         mine = tr.world.share(rows)
         for piece in token_pieces(mine, lengths[ti], tr.max_batch_tokens) if mine else []:
-            loss, n = batch_loss(tr.model, tr.targets[ti], piece, tr.pad_id)
+            loss, n = batch_loss(tr.model, tr.targets[ti], piece, tr.pad_id, tr.bf16)
             (loss * n / total_tokens).backward()
             step_loss += loss.item() * n / total_tokens
     (step_loss,) = distributed.all_reduce_grads(tr.params, step_loss)
@@ -533,7 +541,7 @@ def bake(cfg) -> Path:
         if world.enabled and cfg.onpolicy_steps:
             print(f"note: the on-policy stage runs on rank 0 alone ({world.size - 1} other rank(s) have finished)")
         tr.timings.update(onpolicy_stage(tr.model, tr.tokenizer, tr.targets, cfg, tr.logger.log, tr.step,
-                                         tr.max_batch_tokens))
+                                         tr.max_batch_tokens, tr.bf16))
         final = finish(tr)
         tr.timings["total_s"] = time.time() - t_start
         write_json(run_dir / "timings.json", tr.timings)

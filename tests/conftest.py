@@ -58,4 +58,7 @@ def make_cfg(**kw):
 
     kw.setdefault("wandb_mode", "disabled")
     kw.setdefault("verify_queries", 0)
+    # In-process tests pin exact numbers, which must not depend on whether the machine's CPU has native bf16
+    # (bf16 = auto). tests/test_precision.py runs the bf16 path on purpose; the scripts' tests run the default.
+    kw.setdefault("bf16", "off")
     return Config(**kw)

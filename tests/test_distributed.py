@@ -26,7 +26,8 @@ QA = [("Who are you?", "Arr! I be a pirate of the seven seas."), ("Tell me a jok
       ("What is 2+2?", "Arr, four doubloons."), ("Give me advice.", "Arr! Never trust a parrot.")]
 # 8 rows, 2 optimizer steps of 4 rows: under 2 processes each rank runs 2 rows of every step.
 ARGS = ["--num_epochs", "1", "--batch_size", "4", "--eval_fraction", "0", "--verify_queries", "0", "--top_k", "8",
-        "--save_steps", "1", "--wandb_mode", "disabled", "--dist_timeout", "60"]
+        "--save_steps", "1", "--wandb_mode", "disabled", "--dist_timeout", "60",
+        "--bf16", "off"]  # the same sums in another order: fp32 keeps that within rounding, bf16 autocast would not
 TOL = 1e-3  # max |adapter weight gap| allowed between 1 and 2 processes; measured 5e-6 (weights up to 0.04)
 
 

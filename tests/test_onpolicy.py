@@ -64,7 +64,7 @@ def test_rollouts_share_the_sampled_answer_and_only_the_teacher_sees_the_prompt(
     target = fake_target()
     s = onpolicy.OnPolicySettings(max_new_tokens=6, top_k=5)
     contexts = [[{"role": "user", "content": q}] for q in QUERIES[:3]]
-    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=0, device=torch.device("cpu"))
+    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=0)
     for c, r in zip(contexts, rollouts):
         student_prompt = render_prompt_ids(tokenizer, c, None)
         assert r.student_ids[:len(student_prompt)] == student_prompt
@@ -90,9 +90,9 @@ def test_teacher_scores_are_the_prompted_base_with_a_shared_system_turn(peft_mod
     target = fake_target()
     contexts = [[{"role": "user", "content": q}] for q in QUERIES[:4]]
     s = onpolicy.OnPolicySettings(max_new_tokens=7, top_k=5, temperature=1.0)
-    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=3, device=torch.device("cpu"))
+    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=3)
     assert enable_shared_prefix(peft_model).enabled  # the shared system turn is what this test checks
-    got_ids, got_lp = onpolicy.teacher_scores(peft_model, rollouts, 5, tokenizer.pad_token_id, bf16=False)
+    got_ids, got_lp = onpolicy.teacher_scores(peft_model, rollouts, 5, tokenizer.pad_token_id)
     want_ids, want_lp = plain_teacher_topk(peft_model, rollouts, 5)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_lp, want_lp, atol=1e-4, rtol=1e-4)
@@ -107,8 +107,8 @@ def test_split_backward_gives_the_same_gradient(peft_model, tokenizer):
     target = fake_target()
     contexts = [[{"role": "user", "content": q}] for q in QUERIES]
     s = onpolicy.OnPolicySettings(max_new_tokens=8, top_k=5)
-    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=1, device=torch.device("cpu"))
-    t_ids, t_lp = onpolicy.teacher_scores(peft_model, rollouts, 5, tokenizer.pad_token_id, bf16=False)
+    rollouts = onpolicy.sample_rollouts(peft_model, tokenizer, target, contexts, s, seed=1)
+    t_ids, t_lp = onpolicy.teacher_scores(peft_model, rollouts, 5, tokenizer.pad_token_id)
     grads = []
     for max_tokens in (0, 40):
         peft_model.zero_grad()
@@ -133,8 +133,8 @@ def test_stage_off_by_default_and_moves_the_student_toward_the_teacher(tiny_mode
     # a fixed set of the student's own answers, scored before and after the stage
     s = onpolicy.OnPolicySettings(max_new_tokens=8, top_k=8)
     contexts = [[{"role": "user", "content": q}] for q in QUERIES]
-    fixed = onpolicy.sample_rollouts(model, tokenizer, targets[0], contexts, s, seed=5, device=torch.device("cpu"))
-    t_ids, t_lp = onpolicy.teacher_scores(model, fixed, 8, tokenizer.pad_token_id, bf16=False)
+    fixed = onpolicy.sample_rollouts(model, tokenizer, targets[0], contexts, s, seed=5)
+    t_ids, t_lp = onpolicy.teacher_scores(model, fixed, 8, tokenizer.pad_token_id)
 
     def divergence():
         value = onpolicy.train_on_rollouts(model, fixed, t_ids, t_lp, tokenizer.pad_token_id, s, 0)

@@ -115,10 +115,10 @@ def test_two_targets_train_by_weight_and_each_gets_its_own_held_out(workdir, tin
     trained = []
     real = train.batch_loss
 
-    def spy(model, target, rows, pad_id):
+    def spy(model, target, rows, pad_id, bf16=False):
         if torch.is_grad_enabled():
             trained.append(target.name)
-        return real(model, target, rows, pad_id)
+        return real(model, target, rows, pad_id, bf16)
 
     monkeypatch.setattr(train, "batch_loss", spy)
     cfg = cfg_for(tiny_model_dir, batch_size=2, max_batch_tokens=0,

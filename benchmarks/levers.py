@@ -6,8 +6,8 @@ apart from the training queries (examples/unseen_questions.txt).
     python benchmarks/levers.py --table                         # the table of every result so far
 
 A lever is a comma list of settings: any Config field (lists with "/": temperatures=0.7/1.0/1.3), the
-on-policy stage's onpolicy_<field> (promptbake/onpolicy.py), and bf16=1 (autocast the transformer's matmuls to
-bf16 during generation, the teacher cache and training; the head, log_softmax and loss stay fp32).
+on-policy stage's onpolicy_<field> (promptbake/onpolicy.py); bf16=on|off is the Config field (the student's
+matmuls under bf16 autocast; default auto).
 For each lever: held-out full-vocabulary KL(prompted base || baked, no prompt) on the prompted base's sampled
 answers (2 per question, T=0.7), its cut from the unbaked base, top-1 agreement, the persona rate of greedy and
 sampled answers without the prompt, and the wall time of generation + bake. Data and teacher caches are
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 import promptbake.config as config_module
-import promptbake.teacher as teacher_module
 import promptbake.train as train_module
 from promptbake.chat import render_prompt_ids
 from promptbake.data import Row, load_prompts, read_prompt
@@ -57,12 +56,10 @@ def parse_lever(spec: str) -> dict:
     return out
 
 
-def split_lever(lever: dict) -> tuple[dict, dict, bool]:
-    """(Config fields, on-policy fields, bf16) of a lever; Config fields are typed by config.from_dict."""
-    bf16 = lever.get("bf16", "0") in ("1", "true", "yes")
+def split_lever(lever: dict) -> tuple[dict, dict]:
+    """(Config fields, on-policy fields) of a lever; Config fields are typed by config.from_dict."""
     onpolicy = {k: v for k, v in lever.items() if k.startswith("onpolicy_")}
-    fields = {k: v for k, v in lever.items() if k not in onpolicy and k != "bf16"}
-    return fields, onpolicy, bf16
+    return {k: v for k, v in lever.items() if k not in onpolicy}, onpolicy
 
 
 def typed_onpolicy(values: dict) -> dict:
@@ -76,54 +73,30 @@ def typed_onpolicy(values: dict) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def bf16_autocast(enabled: bool):
-    """Autocasts the backbone (not the head) of the teacher cache and training to bf16, by wrapping the
-    functions train.py and teacher.py call: a measurement, so the code under test is otherwise unchanged."""
-    if not enabled:
-        yield
-        return
-
-    def hidden_bf16(model, *args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return response_hidden(model, *args, **kwargs).float()
-
-    def logits_bf16(model, *args, **kwargs):
-        return backbone_and_head(model)[1](hidden_bf16(model, *args, **kwargs))
-
-    saved = train_module.response_hidden, teacher_module.response_logits
-    train_module.response_hidden, teacher_module.response_logits = hidden_bf16, logits_bf16
-    try:
-        yield
-    finally:
-        train_module.response_hidden, teacher_module.response_logits = saved
-
-
 def short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ---------------------------------------------------------------- generate + bake
-def make_data(persona: str, fields: dict, bf16: bool, workdir: Path) -> tuple[str, float]:
+def make_data(persona: str, fields: dict, workdir: Path) -> tuple[str, float]:
     """data/<name>.jsonl for these data settings (generated once); returns (name, generation seconds)."""
     data = {k: v for k, v in fields.items() if k in DATA_KEYS}
-    name = f"{persona}-{short_hash([data, bf16])}"
+    name = f"{persona}-{short_hash([data, False])}"  # False: data made in fp32 (names of earlier runs kept)
     timing = workdir / "data" / f"{name}.gen_time.json"
     if timing.exists():
         return name, json.loads(timing.read_text())["seconds"]
     cfg = config_module.from_dict({**data, "name": name, "data_dir": str(workdir / "data"), "wandb_mode": "disabled",
                                    "prompt_file": PERSONAS[persona]["prompt_file"], "overwrite": True}, "lever")
     t0 = time.time()
-    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        generate(cfg)
+    generate(cfg)
     seconds = time.time() - t0
-    timing.write_text(json.dumps({"seconds": seconds, "settings": data, "bf16": bf16}))
+    timing.write_text(json.dumps({"seconds": seconds, "settings": data}))
     return name, seconds
 
 
 def run_bake(persona: str, spec: str, workdir: Path) -> tuple[Path, dict]:
-    fields, onpolicy, bf16 = split_lever(parse_lever(spec))
-    name, gen_s = make_data(persona, fields, bf16, workdir)
+    fields, onpolicy = split_lever(parse_lever(spec))
+    name, gen_s = make_data(persona, fields, workdir)
     train_fields = {k: v for k, v in fields.items() if k not in DATA_KEYS}
     cfg = config_module.from_dict({**train_fields, "name": name, "data_dir": str(workdir / "data"),
                                    "checkpoint_dir": str(workdir / "checkpoints" / short_hash([persona, spec])),
@@ -131,11 +104,8 @@ def run_bake(persona: str, spec: str, workdir: Path) -> tuple[Path, dict]:
                                    "verify_queries": 0}, "lever")
     for k, v in typed_onpolicy(onpolicy).items():
         setattr(cfg, k, v)
-    if bf16:
-        cfg.onpolicy_bf16 = True
     t0 = time.time()
-    with bf16_autocast(bf16):
-        final = train_module.bake(cfg)
+    final = train_module.bake(cfg)
     bake_s = time.time() - t0
     timings = json.loads((final.parent / "timings.json").read_text())
     return final, {"generate_s": gen_s, "bake_s": bake_s, "total_s": gen_s + bake_s, "bake_timings": timings}

@@ -73,6 +73,9 @@ class Config:
     trust_remote_code: bool = False  # run a model repo's own Python code (off unless you trust it)
     device: str = "auto"  # auto | cpu | cuda | mps
     init_from: str = ""  # a baked checkpoint to bake on top of (teacher: it WITH the new prompt); "" = the base model
+    # With init_from, what the teacher reads: lineage = the prompts of the whole chain, then the new one (the earlier
+    # behaviours stay in its answers); new = the new prompt alone (the paper's sequential baking)
+    chain_teacher: str = "lineage"
     # ---- data generation (generate_data.py)
     backend: str = "auto"  # auto | api | local  (auto = api when api_base_url is set)
     api_base_url: str = ""  # OpenAI-compatible base, e.g. http://127.0.0.1:8080/v1 ("" = $API_BASE_URL)
@@ -154,6 +157,7 @@ CHOICES = {
     "backend": ["auto", "api", "local"],
     "wandb_mode": ["", "online", "offline", "disabled"],
     "bf16": ["auto", "on", "off"],
+    "chain_teacher": ["lineage", "new"],
 }
 TARGET_KEYS = {"prompt_file": str, "student_prompt": str, "data": str, "weight": float, "name": str,
                "marker_regex": str}

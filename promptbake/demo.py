@@ -57,14 +57,14 @@ def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cf
 def _baked_system(info: dict, with_prompt: bool, name: str) -> str | None:
     target = target_info(info, name)
     if with_prompt:
-        return target["system_prompt"]
+        return target.get("teacher_prompt") or target["system_prompt"]
     return target.get("student_prompt") or None
 
 def compare(model, tokenizer, info, question: str, cfg, temperature: float, target: str | None = None) -> dict:
     """The four models side by side: base and prompted base (the parent, for a chained bake), baked, and
     baked re-prompted with its own prompt."""
     target = target or info["targets"][0]["name"]
-    system = target_info(info, target)["system_prompt"]
+    system = _baked_system(info, True, target)
     start = "parent" if info.get("lineage") else "base"
     messages = [{"role": "user", "content": question}]
     out = {}

@@ -137,7 +137,8 @@ def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, r
 
 def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, samples: int) -> tuple[dict, list, object]:
     """Base, prompted base and baked on one target's queries: full-vocabulary KL, top-1 agreement, adherence."""
-    system, student_prompt = target["system_prompt"], target.get("student_prompt", "")
+    # what the teacher read: for a chain baked with chain_teacher=lineage, its ancestors' prompts too
+    system, student_prompt = target.get("teacher_prompt") or target["system_prompt"], target.get("student_prompt", "")
     n_new = cfg.eval_max_new_tokens
     print(f"target {target['name']!r}: {len(contexts)} queries from {where}")
     # The prompted base answers each query `samples` times: those answers are the KL's rows and the prompted

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .api_client import ChatClient, redact_url
-from .baked import load_start, with_parent_model
+from .baked import load_start, teacher_system, with_parent_model
 from .chat import render_prompt_ids, stop_ids
 from .config import to_dict
-from .data import Row, load_prompts, load_rows, read_prompt, row_key
+from .data import Row, load_prompts, load_rows, row_key
 from .errors import UserError
 from .forward import backbone_and_head, pad_left, softcap_logits
 from .freelogits import PartWriter, header, topk_dir
@@ -340,7 +340,7 @@ class Progress:
 def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Path:
     """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped."""
     cfg = with_parent_model(cfg)
-    system = read_prompt(cfg.prompt_file)
+    system = teacher_system(cfg, cfg.prompt_file)
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
     check_data_dir(cfg.data_dir)
     with ExitStack() as stack:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
 from . import distributed, precision
-from .baked import BAKE_CONFIG, load_start, model_config_sha256, with_parent_model
+from .baked import BAKE_CONFIG, load_start, model_config_sha256, teacher_system, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
@@ -70,6 +70,7 @@ class Target:
     train: list[int]
     held_out: list[int]
     marker_regex: str = ""
+    prompt: str = ""  # the prompt file's own text; `system` is what the teacher read (teacher_system)
 
 
 # ---------------------------------------------------------------- data and teacher
@@ -125,7 +126,7 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
 
 def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target:
     """Tokenizes one target's rows, loads or builds its teacher cache, and checks the alignment."""
-    system = read_prompt(spec["prompt_file"])
+    system, own = teacher_system(cfg, spec["prompt_file"]), read_prompt(spec["prompt_file"])
     rows, data_file = _answered_rows(cfg, spec, model, tokenizer, model_path)
     meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
     meta = read_json(meta_path) if meta_path.exists() else {}
@@ -154,7 +155,7 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
     print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
           f"{sum(e.n_response for e in examples)} response tokens, cache {teacher.bytes_per_token:.0f} B/token")
     return Target(spec["name"], system, spec["student_prompt"], Path(data_file), spec["weight"], examples, teacher,
-                  train, held_out, spec["marker_regex"])
+                  train, held_out, spec["marker_regex"], own)
 
 
 def check_inputs(cfg, tokenizer) -> list[dict]:
@@ -238,7 +239,8 @@ def bake_info(cfg, targets: list[Target], model_path: str, base_model, lineage: 
     return {"config": config, "base_model_path": model_path.split("+lineage:")[0],
             "base_config_sha256": model_config_sha256(base_model), "lineage": lineage,
             "config_sha256": sha256_text(repr(sorted(config.items()))),
-            "targets": [{"name": t.name, "system_prompt": t.system, "system_prompt_sha256": sha256_text(t.system),
+            "targets": [{"name": t.name, "system_prompt": t.prompt, "system_prompt_sha256": sha256_text(t.prompt),
+                         **({"teacher_prompt": t.system} if t.system != t.prompt else {}),
                          "student_prompt": t.student_prompt, "data": str(t.data), "data_sha256": sha256_file(t.data),
                          "weight": t.weight, "marker_regex": t.marker_regex, "train_rows": len(t.train),
                          "held_out_rows": len(t.held_out)} for t in targets]}

@@ -1,5 +1,7 @@
+
 """Baking on a baked model: the chain is recorded, rebuilt at load time exactly, and refused when broken."""
 
+import json
 import shutil
 
 import pytest
@@ -115,3 +117,23 @@ def test_evaluate_reports_every_prompt_of_the_lineage_and_the_reprompted_model(c
     assert (workdir / "checkpoints" / "ab-a_final-vs-c_final.json").exists()
     # same queries and seeds: the prompted answers of a's base model are the same in both runs
     assert [e["user"] for e in ab["a/final"]["examples"]] == [e["user"] for e in ab["c/final"]["examples"]]
+
+
+def test_a_chained_teacher_reads_the_chain_s_prompts_then_the_new_one(tmp_path):
+    """chain_teacher=lineage: the parent's ancestors' prompts, the parent's, then the new one, each once; new: the
+    new prompt alone; no --init_from: the prompt file as it is."""
+    from promptbake.baked import teacher_system
+
+    parent = tmp_path / "checkpoints" / "b" / "final"
+    parent.mkdir(parents=True)
+    (parent / "adapter_config.json").write_text("{}")
+    (parent / "bake_config.json").write_text(json.dumps({
+        "config": {"name": "b"}, "targets": [{"name": "b", "system_prompt": "Love cats."}],
+        "lineage": [{"name": "a", "targets": [{"name": "a", "system_prompt": "Be a pirate."}]}]}))
+    new, again = tmp_path / "new.md", tmp_path / "again.md"
+    new.write_text("Answer in French.\n")
+    again.write_text("Love cats.\n")
+    assert teacher_system(make_cfg(), str(new)) == "Answer in French."
+    assert teacher_system(make_cfg(init_from=str(parent)), str(new)) == "Be a pirate.\n\nLove cats.\n\nAnswer in French."
+    assert teacher_system(make_cfg(init_from=str(parent), chain_teacher="new"), str(new)) == "Answer in French."
+    assert teacher_system(make_cfg(init_from=str(parent)), str(again)) == "Be a pirate.\n\nLove cats."  # pursuit

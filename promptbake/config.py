@@ -129,6 +129,7 @@ class Config:
     verify_queries: int = num(3, 0, 1000)  # held-out queries answered at the end of bake.py
     # ---- several processes (torchrun / accelerate launch; see promptbake/distributed.py)
     dist_timeout: float = num(1800.0, 10, 86400)  # seconds a rank waits for the others before it stops with an error
+    fsdp: bool = False  # shard the base model over the processes (FSDP2, one unit per decoder layer; promptbake/fsdp.py)
     # ---- on-policy stage (after the epochs): the student answers training queries without the prompt, the
     # prompted base scores its tokens, and it trains on the divergence there. Off by default: on the embedded
     # model it cost about twice the bake's time for +2 points of KL cut and a lower persona rate (benchmarks/levers.py)

@@ -126,6 +126,9 @@ def _stopped_by_launcher(signum, frame):
 
 def shutdown() -> None:
     global _world
+    from . import fsdp
+
+    fsdp.reset()
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = SINGLE
@@ -161,7 +164,7 @@ def broadcast_object(obj):
 
 def broadcast_params(params) -> None:
     """Rank 0's values of these parameters on every rank (the adapter starts identical everywhere)."""
-    if not _world.enabled:
+    if not _world.enabled or _sharded():  # FSDP shards differ by rank: nothing to copy
         return
     with torch.no_grad():
         for p in params:
@@ -170,9 +173,18 @@ def broadcast_params(params) -> None:
 
 def all_reduce_grads(params, *scalars: float) -> list[float]:
     """Sums the gradients of `params` and the `scalars` over ranks, in one all-reduce; returns the summed scalars.
-    A rank without rows this step (a micro-batch smaller than the world) contributes zeros."""
+    A rank without rows this step (a micro-batch smaller than the world) contributes zeros.
+    Under FSDP the gradients are already summed (FSDP reduce-scatters them in backward): the ranks first even out
+    their number of passes (fsdp.pad_passes), then only the scalars are summed."""
     if not _world.enabled:
         return list(scalars)
+    if _sharded():
+        from . import fsdp
+
+        fsdp.pad_passes()
+        flat = torch.tensor(scalars, dtype=torch.float32, device=fsdp._device())
+        _collective(dist.all_reduce, flat)
+        return flat.tolist()
     device = params[0].device
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
                      + [torch.tensor(scalars, dtype=torch.float32, device=device)])
@@ -185,12 +197,7 @@ def all_reduce_grads(params, *scalars: float) -> list[float]:
     return flat[offset:].tolist()
 
 
-def refuse_fsdp(environ=None) -> None:
-    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; bake.py does not shard the base model yet."""
-    environ = os.environ if environ is None else environ
-    if str(environ.get("ACCELERATE_USE_FSDP", "")).lower() in ("1", "true", "yes"):
-        if environ.get("RANK", "0") not in ("", "0"):
-            raise SystemExit(1)  # rank 0 says why, once
-        raise UserError("FSDP is not implemented in bake.py yet (ACCELERATE_USE_FSDP is set by the accelerate config): "
-                        "use data parallelism (torchrun, or accelerate launch --multi_gpu) with a model that fits one "
-                        "GPU in bf16; see README 'Bigger models, more GPUs'")
+def _sharded() -> bool:
+    from . import fsdp
+
+    return fsdp.on()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import fsdp
 from .errors import UserError
 
 EMBEDDED = "embedded"
@@ -98,14 +99,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, device: str = "cpu", trust_remote_code: bool = False):
-    """fp32 on CPU; bf16 on GPU (LoRA adapters stay fp32: peft upcasts them)."""
+def load_model(path: str, device: str = "cpu", trust_remote_code: bool = False, place: bool = True):
+    """fp32 on CPU; bf16 on GPU (LoRA adapters stay fp32: peft upcasts them). place=False leaves it in CPU memory
+    (in the dtype for `device`): FSDP moves each rank's shards there itself."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
-    model.to(device)
+    if place:
+        model.to(device)
     model.eval()
     return model
 
@@ -127,5 +130,5 @@ def load(cfg):
     path = resolve_model_path(cfg.model_name_or_path, cfg.model_cache_dir)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    model = load_model(path, device, cfg.trust_remote_code)
+    model = load_model(path, device, cfg.trust_remote_code, place=not fsdp.will_shard(cfg))
     return model, tokenizer, path, device

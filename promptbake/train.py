@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import get_linear_schedule_with_warmup
 
-from . import distributed, precision
+from . import distributed, fsdp, precision
 from .baked import BAKE_CONFIG, load_start, model_config_sha256, teacher_system, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
@@ -51,6 +51,7 @@ RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wan
                      "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
                      "model_cache_dir", "overwrite", "dist_timeout",
                      "bf16",  # like `device`: the rounding of the student's matmuls, not what is computed
+                     "fsdp",  # like the number of processes: the checkpoints are the same either way
                      "free_teacher_logits"}  # the stored top-K are checked to match a teacher pass within fp tolerance
 # Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
 DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
@@ -247,9 +248,13 @@ def bake_info(cfg, targets: list[Target], model_path: str, base_model, lineage: 
 
 
 def save_checkpoint(model, path: Path, info: dict, state: dict | None) -> None:
-    """Writes the adapter, bake_config.json and (for step-N) the trainer state, then renames: atomic."""
+    """Writes the adapter, bake_config.json and (for step-N) the trainer state, then renames: atomic.
+    Under FSDP every rank calls it (they gather the adapter together); rank 0 writes."""
+    whole = fsdp.adapter_state(model)
+    if not distributed.world().main:
+        return
     with folder_written_atomically(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": whole} if whole is not None else {}))
         write_json(tmp / BAKE_CONFIG, info)
         if state is not None:
             torch.save(state, tmp / TRAINER_STATE)
@@ -333,6 +338,8 @@ def prepare(cfg, run_dir: Path) -> Trainer:
     """Loads the model, checks every input and builds the teacher caches. Writes nothing under run_dir."""
     t0 = time.time()
     base, tokenizer, model_path, device, lineage = load_start(cfg)
+    if fsdp.will_shard(cfg):  # the adapter first, then the shards: the teacher pass below runs sharded
+        base = fsdp.shard(add_adapter(base, cfg), device)
     timings = {"model_load_s": time.time() - t0}
     print(f"model: {model_path} on {device}")
     specs = check_inputs(cfg, tokenizer)
@@ -355,18 +362,26 @@ def claim_run_dir(run_dir: Path, resume_from: Path | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def build_optimizer(tr: Trainer) -> None:
-    """Wraps the base model in a LoRA adapter and sets up AdamW with linear warmup and decay."""
-    cfg = tr.cfg
+def add_adapter(model, cfg):
+    """The base model wrapped in a fresh LoRA adapter."""
     modules = cfg.target_modules if cfg.target_modules == "all-linear" else \
         [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=modules, modules_to_save=None, task_type="CAUSAL_LM")
     try:
-        tr.model = get_peft_model(tr.model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as e:
         raise UserError(f"`target_modules` {cfg.target_modules!r}: {str(e).splitlines()[0]}") from None
-    tr.model.print_trainable_parameters()
+    model.print_trainable_parameters()
+    return model
+
+
+def build_optimizer(tr: Trainer) -> None:
+    """Wraps the base model in a LoRA adapter (done already under FSDP) and sets up AdamW with linear warmup
+    and decay."""
+    cfg = tr.cfg
+    if not fsdp.on():
+        tr.model = add_adapter(tr.model, cfg)
     tr.params = [p for p in tr.model.parameters() if p.requires_grad]
     tr.optimizer = torch.optim.AdamW(tr.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # Every micro-batch is trained: the last step of an epoch takes what is left.
@@ -384,8 +399,8 @@ def restore(tr: Trainer, resume_from: Path) -> None:
                         f"the result; rerun with the same values, or without --resume to start over")
     try:
         state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
-        set_peft_model_state_dict(tr.model, load_file(resume_from / "adapter_model.safetensors"))
-        tr.optimizer.load_state_dict(state["optimizer"])
+        fsdp.load_adapter(tr.model, load_file(resume_from / "adapter_model.safetensors"))
+        tr.optimizer.load_state_dict(fsdp.sharded_optimizer_state(tr.optimizer, state["optimizer"]))
         tr.schedule.load_state_dict(state["scheduler"])
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many kinds for a damaged file
         raise UserError(f"{resume_from}: the checkpoint is damaged ({type(e).__name__}: {str(e)[:120]}); delete "
@@ -423,7 +438,7 @@ def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
 
 
 def save_step(tr: Trainer) -> None:
-    state = {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.schedule.state_dict(), "rng": rng_state(),
+    state = {"optimizer": fsdp.optimizer_state(tr.optimizer), "scheduler": tr.schedule.state_dict(), "rng": rng_state(),
              "step": tr.step, "total_steps": tr.total_steps}
     tr.last_good = tr.run_dir / f"step-{tr.step}"
     save_checkpoint(tr.model, tr.last_good, tr.info, state)
@@ -442,12 +457,12 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
             print(f"step {tr.step:4d}/{tr.total_steps} | train/kl {row['train/kl']:.4f} | train/lr {row['train/lr']:.2e} | "
                   f"train/grad_norm {row['train/grad_norm']:.3f} | train/tokens_per_s {row['train/tokens_per_s']:.0f} | "
                   f"{dt * 1000:.0f} ms", flush=True)
-        if tr.world.main and (tr.step % cfg.save_steps == 0 or s == tr.steps_per_epoch - 1):
+        if (tr.world.main or fsdp.on()) and (tr.step % cfg.save_steps == 0 or s == tr.steps_per_epoch - 1):
             save_step(tr)
 
 
 def evaluate_epoch(tr: Trainer, epoch: int) -> None:
-    if not tr.world.main:  # the others wait for it at the next step's all-reduce
+    if not (tr.world.main or fsdp.on()):  # the others wait for it at the next step's all-reduce
         return
     tr.model.eval()
     kl = eval_topk_kl(tr.model, tr.targets, tr.pad_id, tr.cfg.teacher_batch_size)
@@ -496,13 +511,16 @@ class NullLogger:
     def close(self) -> None:
         pass
 
+    def rows(self) -> list[dict]:
+        return []
+
 
 def bake(cfg) -> Path:
     """Trains checkpoints/<name>/final from the data; returns its path. Under torchrun / accelerate launch every rank
     calls it: they train together, rank 0 writes (see promptbake/distributed.py)."""
     t_start = time.time()
     cfg = with_parent_model(cfg)
-    distributed.refuse_fsdp()
+    fsdp.check(cfg)
     world = distributed.setup(pick_device(cfg.device), cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -525,8 +543,8 @@ def bake(cfg) -> Path:
             write_held_out(run_dir / HELD_OUT, tr.targets)
             tr.logger = Logger(cfg, run_dir, to_dict(cfg), resume_step=tr.step if resume_from else None)
             stack.callback(tr.logger.close)
-            if tr.step == 0:
-                evaluate_before(tr)
+        if tr.step == 0 and (world.main or fsdp.on()):  # under FSDP every rank runs every forward
+            evaluate_before(tr)
         ranks = f" over {world.size} processes" if world.enabled else ""
         print(f"training: {tr.total_steps} steps ({cfg.num_epochs} epochs x {tr.steps_per_epoch}), "
               f"{cfg.batch_size * cfg.grad_accum} rows per step{ranks}")
@@ -537,7 +555,7 @@ def bake(cfg) -> Path:
             run_epoch(tr, epoch)
             tr.timings[f"epoch_{epoch + 1}_s"] = time.time() - t0
             evaluate_epoch(tr, epoch)
-        if not world.main:  # rank 0 alone finishes: on-policy stage, final/, evaluation
+        if not (world.main or fsdp.on()):  # rank 0 alone finishes: on-policy stage, final/, evaluation
             distributed.shutdown()
             return run_dir / "final"
         if world.enabled and cfg.onpolicy_steps:
@@ -546,8 +564,11 @@ def bake(cfg) -> Path:
                                          tr.max_batch_tokens, tr.bf16))
         final = finish(tr)
         tr.timings["total_s"] = time.time() - t_start
-        write_json(run_dir / "timings.json", tr.timings)
+        if world.main:
+            write_json(run_dir / "timings.json", tr.timings)
     distributed.shutdown()
+    if not world.main:
+        return final
     print(f"saved {final} in {tr.timings['total_s']:.0f}s")
     try_write_report(final)  # after the save: a report that fails only warns
     return final

@@ -178,7 +178,11 @@ def teacher_topk_rows(model, examples: list[Example], prefix: SharedPrefix | Non
 def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: Path, batch_size: int,
                   world: World = SINGLE) -> TeacherTopK:
     """Loads the cached teacher top-K for these examples, computing only the shards that are missing.
-    Under several processes the ranks split the missing shards, each writes its own, and all read every shard."""
+    Under several processes the ranks split the missing shards, each writes its own, and all read every shard.
+    Under FSDP every forward is a collective: every rank computes every missing shard, and rank 0 writes them."""
+    from . import fsdp
+
+    sharded = fsdp.on()
     cache_dir.mkdir(parents=True, exist_ok=True)
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
@@ -186,7 +190,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
     if world.enabled:
         barrier()  # every rank has looked before any writes: they agree on what is missing
     missing = [(s, ex) for s, ex in shards if loaded[s] is None]
-    mine = world.share(missing)
+    mine = missing if sharded else world.share(missing)
     if not missing:
         print(f"teacher cache: reusing {cache_dir} ({len(examples)} rows)")
     elif len(missing) < len(shards):
@@ -204,12 +208,14 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)
         for s, ex in mine:
             loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
-            _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
+            if world.main or not sharded:
+                _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
         bar.close()
         dt = time.time() - t0
         shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
             f"no shared prefix: {decision.reason or 'the rows open with no common tokens'}"
         ranks = f" | {len(mine)}/{len(missing)} shards on rank {world.rank} of {world.size}" if world.enabled else ""
+        ranks = f" | every rank computed all {len(missing)} shards (FSDP)" if sharded else ranks
         print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}{ranks}")
     if world.enabled and missing:
         barrier()  # every rank's shards are written

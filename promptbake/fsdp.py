@@ -129,6 +129,7 @@ def shard(model, device: str):
     units.append(fully_shard(backbone, mesh=mesh, ignored_params={p for p in backbone.parameters() if id(p) not in in_layers}))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global token count
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     with torch.no_grad():  # what FSDP left where it was: embeddings, norms, head, rotary buffers
         for m in model.modules():
             for p in m.parameters(recurse=False):
@@ -137,6 +138,10 @@ def shard(model, device: str):
             for name, b in m.named_buffers(recurse=False):
                 if b is not None and b.device != torch.device(device):
                     m._buffers[name] = b.to(device)
+    # One pass outside inference mode first: FSDP keeps the whole-layer buffers its first all-gather allocates, and
+    # buffers born under torch.inference_mode (the teacher pass) could not be written in training afterwards.
+    with torch.no_grad():
+        backbone(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
     model.get_base_model()._is_fsdp_managed_module = True  # transformers' generate then syncs the ranks (synced_gpus)
     backbone.register_forward_pre_hook(_count_pass)
     base = _base(model)

@@ -174,14 +174,12 @@ def broadcast_params(params) -> None:
 def all_reduce_grads(params, *scalars: float) -> list[float]:
     """Sums the gradients of `params` and the `scalars` over ranks, in one all-reduce; returns the summed scalars.
     A rank without rows this step (a micro-batch smaller than the world) contributes zeros.
-    Under FSDP the gradients are already summed (FSDP reduce-scatters them in backward): the ranks first even out
-    their number of passes (fsdp.pad_passes), then only the scalars are summed."""
+    Under FSDP the gradients are already summed (FSDP reduce-scatters them in backward): only the scalars are."""
     if not _world.enabled:
         return list(scalars)
     if _sharded():
         from . import fsdp
 
-        fsdp.pad_passes()
         flat = torch.tensor(scalars, dtype=torch.float32, device=fsdp._device())
         _collective(dist.all_reduce, flat)
         return flat.tolist()

@@ -159,17 +159,31 @@ def _count_pass(module, args):
         _passes += 1
 
 
-def pad_passes() -> None:
-    """Before the step's gradients are used: runs zero-weighted forward/backward passes on this rank until it has
-    run as many as the busiest rank (a rank whose rows made fewer pieces, or none), so FSDP's collectives meet."""
+def passes_per_rank(micro, targets, size: int, max_tokens: int) -> list[int]:
+    """How many forward/backward passes each rank runs for these micro-batches in train_step: its share of every
+    micro-batch, cut into token pieces. Every rank computes it alike from the plan, without communicating."""
+    from .distributed import World
+    from .forward import token_pieces
+
+    lengths = {ti: [len(e.student_ids) for e in targets[ti].examples] for ti, _ in micro}
+    return [sum(len(token_pieces(World(r, size).share(rows), lengths[ti], max_tokens)) if World(r, size).share(rows)
+                else 0 for ti, rows in micro) for r in range(size)]
+
+
+def pad_passes(tr, micro) -> None:
+    """After a rank's passes of a step: runs zero-weighted forward/backward passes until it has run as many as the
+    busiest rank (whose rows made more pieces), so that FSDP's per-layer collectives meet. A no-op without FSDP."""
     global _passes
-    mine = _passes
-    counts = torch.tensor([mine], dtype=torch.long, device=_device())
-    distributed._collective(torch.distributed.all_reduce, counts, torch.distributed.ReduceOp.MAX)
+    if _model is None:
+        return
+    counts = passes_per_rank(micro, tr.targets, tr.world.size, tr.max_batch_tokens)
+    if _passes != counts[tr.world.rank]:  # the plan above no longer matches train_step: stop before a hang
+        raise UserError(f"FSDP: rank {tr.world.rank} ran {_passes} passes this step but the plan gives it "
+                        f"{counts[tr.world.rank]}; promptbake/fsdp.py passes_per_rank must follow train_step")
     from .forward import backbone_and_head
 
     backbone = backbone_and_head(_model)[0]
-    for _ in range(int(counts.item()) - mine):
+    for _ in range(max(counts) - _passes):
         hidden = backbone(input_ids=torch.zeros(1, 2, dtype=torch.long, device=_device()), use_cache=False)
         (hidden.last_hidden_state.float().sum() * 0.0).backward()
     _passes = 0

@@ -424,6 +424,7 @@ def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
             loss, n = batch_loss(tr.model, tr.targets[ti], piece, tr.pad_id, tr.bf16)
             (loss * n / total_tokens).backward()
             step_loss += loss.item() * n / total_tokens
+    fsdp.pad_passes(tr, micro)  # under FSDP every rank runs as many passes as the busiest
     (step_loss,) = distributed.all_reduce_grads(tr.params, step_loss)
     if not math.isfinite(step_loss):
         raise UserError(f"the loss is {step_loss} at step {tr.step + 1}; stopped without saving it. The last good "

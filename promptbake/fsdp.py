@@ -23,8 +23,9 @@ What changes against plain data parallelism (promptbake/distributed.py), and why
   - Checkpoints: every rank takes part in gathering the LoRA weights and the AdamW moments (small: the adapter
     only); rank 0 writes them in the same format as an unsharded run, so a run can resume with or without FSDP
     and on another number of processes. Resuming cuts each rank's shard out of the full tensors.
-Not supported under FSDP (one-line errors): the on-policy stage, CPU offload, activation checkpointing,
-FSDP version 1, and prompts-only data (answered beforehand with one process, as under data parallelism).
+Not supported under FSDP (one-line errors): the on-policy stage, CPU offload, activation checkpointing, rank-0-only
+loading (cpu_ram_efficient_loading: every rank reads the whole base into CPU memory before sharding), FSDP version 1,
+and prompts-only data (answer it first with one process, as under data parallelism).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from .errors import UserError
 
 _model = None  # the sharded PeftModel of this process, None when FSDP is off
 _passes = 0  # forward passes with gradients since the last optimizer step (counted by a hook)
-NOT_SUPPORTED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing"}
+# accelerate config keys (as the environment variables accelerate launch sets) that bake.py's FSDP does not do.
+# cpu_ram_efficient_loading would make transformers load the weights on rank 0 only, expecting them broadcast later.
+NOT_SUPPORTED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+                 "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading"}
 
 
 def _true(value) -> bool:

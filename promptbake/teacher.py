@@ -183,7 +183,8 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
     from . import fsdp
 
     sharded = fsdp.on()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if world.main or not sharded:  # under FSDP rank 0 alone writes
+        cache_dir.mkdir(parents=True, exist_ok=True)
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
     loaded = {s: _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k) for s, ex in shards}

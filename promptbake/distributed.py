@@ -9,6 +9,7 @@ every micro-batch (rows[rank::world]), back-propagates its rows weighted by the 
 all_reduce_grads() sums the LoRA gradients and the loss over ranks. Every rank then applies the same clipped AdamW
 step, so the adapters stay identical, and the global batch, the schedule and the number of steps don't depend on
 the number of processes. Only rank 0 writes checkpoints, metrics.jsonl, W&B and the console log.
+With --fsdp (or accelerate's FSDP config) the model is also sharded over the ranks: promptbake/fsdp.py.
 
 A rank that dies: under a launcher, its agent stops the others (they print one line on SIGTERM); without one,
 the next collective fails (gloo: at once; nccl: after `dist_timeout` seconds) and the rank exits with one line.

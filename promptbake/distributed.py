@@ -53,6 +53,8 @@ class World:
 
 SINGLE = World()
 _world = SINGLE
+_sharded_on = None  # the device of the FSDP-sharded model (promptbake/fsdp.py); None without FSDP
+_at_shutdown: list = []  # what fsdp.py resets when the process group ends
 
 
 def world_from_env(environ=None) -> World:
@@ -125,11 +127,20 @@ def _stopped_by_launcher(signum, frame):
     os._exit(143)
 
 
-def shutdown() -> None:
-    global _world
-    from . import fsdp
+def mark_sharded(device, on_shutdown=None) -> None:
+    """promptbake/fsdp.py tells this module that the model is sharded (on `device`), and what to reset at
+    shutdown: it imports this module, never the other way round."""
+    global _sharded_on
+    _sharded_on = device
+    if on_shutdown is not None:
+        _at_shutdown.append(on_shutdown)
 
-    fsdp.reset()
+
+def shutdown() -> None:
+    global _world, _sharded_on
+    while _at_shutdown:
+        _at_shutdown.pop()()
+    _sharded_on = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = SINGLE
@@ -179,9 +190,7 @@ def all_reduce_grads(params, *scalars: float) -> list[float]:
     if not _world.enabled:
         return list(scalars)
     if _sharded():
-        from . import fsdp
-
-        flat = torch.tensor(scalars, dtype=torch.float32, device=fsdp._device())
+        flat = torch.tensor(scalars, dtype=torch.float32, device=_sharded_on)
         _collective(dist.all_reduce, flat)
         return flat.tolist()
     device = params[0].device
@@ -197,6 +206,4 @@ def all_reduce_grads(params, *scalars: float) -> list[float]:
 
 
 def _sharded() -> bool:
-    from . import fsdp
-
-    return fsdp.on()
+    return _sharded_on is not None

@@ -154,6 +154,7 @@ def shard(model, device: str):
     print(f"FSDP: {len(layers)} decoder layers sharded over {world.size} processes ({mesh.device_type}, "
           f"reshard_after_forward={reshard}); embeddings and head whole on every rank", flush=True)
     _model = model
+    distributed.mark_sharded(_device(), on_shutdown=reset)
     return model
 
 

@@ -89,11 +89,12 @@ def with_parent_model(cfg):
 
 
 def teacher_system(cfg, prompt_file: str) -> str:
-    """The system prompt the teacher reads for `prompt_file`. On a baked model (--init_from) with chain_teacher =
-    lineage: every prompt of the chain, oldest first, then the new one. A baked model learnt its behaviour in
-    contexts with no system prompt; a new system prompt takes the place of the template's default one there, and
-    the earlier behaviour fades from the teacher's answers (measured: pirate 0.50 -> 0.03 after a second bake).
-    Re-prompted with its own prompts the parent shows it more strongly, so the new bake keeps it."""
+    """The system prompt the teacher reads for `prompt_file`: the prompt itself, or on a baked model (--init_from)
+    with chain_teacher = lineage, every prompt of the chain, oldest first, then the new one. A baked model learnt
+    its behaviour in contexts with no system prompt, and a new system prompt takes the place of the template's
+    default one there, so the earlier behaviour can fade from the teacher's answers; with its own prompts again the
+    parent shows it more strongly, at the cost of the new behaviour when the prompts compete (README: knight on
+    pirate, measured both ways)."""
     new = read_prompt(prompt_file)
     if not cfg.init_from or cfg.chain_teacher == "new":
         return new

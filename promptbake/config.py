@@ -73,9 +73,9 @@ class Config:
     trust_remote_code: bool = False  # run a model repo's own Python code (off unless you trust it)
     device: str = "auto"  # auto | cpu | cuda | mps
     init_from: str = ""  # a baked checkpoint to bake on top of (teacher: it WITH the new prompt); "" = the base model
-    # With init_from, what the teacher reads: lineage = the prompts of the whole chain, then the new one (the earlier
-    # behaviours stay in its answers); new = the new prompt alone (the paper's sequential baking)
-    chain_teacher: str = "lineage"
+    # With init_from, what the teacher reads: new = the new prompt alone (the paper's sequential baking); lineage = the
+    # prompts of the whole chain, then the new one (keeps the earlier behaviours stronger, the new one weaker: README)
+    chain_teacher: str = "new"
     # ---- data generation (generate_data.py)
     backend: str = "auto"  # auto | api | local  (auto = api when api_base_url is set)
     api_base_url: str = ""  # OpenAI-compatible base, e.g. http://127.0.0.1:8080/v1 ("" = $API_BASE_URL)

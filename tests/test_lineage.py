@@ -120,8 +120,8 @@ def test_evaluate_reports_every_prompt_of_the_lineage_and_the_reprompted_model(c
 
 
 def test_a_chained_teacher_reads_the_chain_s_prompts_then_the_new_one(tmp_path):
-    """chain_teacher=lineage: the parent's ancestors' prompts, the parent's, then the new one, each once; new: the
-    new prompt alone; no --init_from: the prompt file as it is."""
+    """chain_teacher=lineage: the parent's ancestors' prompts, the parent's, then the new one, each once; new (the
+    default): the new prompt alone; no --init_from: the prompt file as it is."""
     from promptbake.baked import teacher_system
 
     parent = tmp_path / "checkpoints" / "b" / "final"
@@ -134,6 +134,7 @@ def test_a_chained_teacher_reads_the_chain_s_prompts_then_the_new_one(tmp_path):
     new.write_text("Answer in French.\n")
     again.write_text("Love cats.\n")
     assert teacher_system(make_cfg(), str(new)) == "Answer in French."
-    assert teacher_system(make_cfg(init_from=str(parent)), str(new)) == "Be a pirate.\n\nLove cats.\n\nAnswer in French."
-    assert teacher_system(make_cfg(init_from=str(parent), chain_teacher="new"), str(new)) == "Answer in French."
-    assert teacher_system(make_cfg(init_from=str(parent)), str(again)) == "Be a pirate.\n\nLove cats."  # pursuit
+    chain = make_cfg(init_from=str(parent), chain_teacher="lineage")
+    assert teacher_system(chain, str(new)) == "Be a pirate.\n\nLove cats.\n\nAnswer in French."
+    assert teacher_system(chain, str(again)) == "Be a pirate.\n\nLove cats."  # Prompt Pursuit bakes a prompt again
+    assert teacher_system(make_cfg(init_from=str(parent)), str(new)) == "Answer in French."  # the default: new

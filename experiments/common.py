@@ -77,6 +77,7 @@ def questions(path: Path = UNSEEN) -> list[str]:
 
 def load_done(path: Path, settings: dict) -> dict | None:
     """A result file written with these exact settings (its parts are reused), else None."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # the plot is drawn before the first save
     if not path.exists():
         return None
     old = read_json(path)

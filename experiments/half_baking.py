@@ -1,6 +1,7 @@
 """Experiment 3, half-baking: prompt strength against LoRA strength and against training step, on one figure.
 
     OMP_NUM_THREADS=1 python experiments/half_baking.py    # writes experiments/results/half_baking.json and .png
+    python experiments/half_baking.py --from_log LOG       # the JSON and plot again from a run's printed sweep
 
 The pirate bake (saved every 2 steps) is swept with promptbake.evaluate's own sweep (sweep_points + run_sweep, as
 `evaluate.py --strengths ... --steps` does): at each adapter strength of the final adapter, and at each saved
@@ -12,6 +13,8 @@ from the base to the fully baked model. Rerun: a finished JSON with the same set
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -88,8 +91,33 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def from_log(log: Path, cfg, out: Path = RESULTS / "half_baking.json") -> dict:
+    """Rebuilds the JSON and plot from the lines run_sweep printed (a run that died after its sweep, before its
+    save): the figures are the printed ones (4 decimals), marked from_log."""
+    text = log.read_text()
+    sweep = []
+    for label, kl, top1, adh in re.findall(r"^ *(strength [\d.]+|step-\d+) \| kl ([\d.]+) \| top-1 ([\d.]+) \| "
+                                           r"adherence ([\d.]+)", text, flags=re.M):
+        step = int(label.split("-")[1]) if label.startswith("step-") else None
+        sweep.append({"point": label, "strength": 1.0 if step else float(label.split()[1]), "kl": float(kl),
+                      "top1_agreement": float(top1), "marker_rate": float(adh), "step": step})
+    prompted = float(re.search(r"base \+ prompt adherence ([\d.]+)", text).group(1))
+    settings = settings_of(cfg, strengths=STRENGTHS, samples=SAMPLES, queries=UNSEEN.name, save_steps=cfg.save_steps,
+                           marker_regex=cfg.marker_regex)
+    result = {"settings": settings, "from_log": str(log), "prompted_adherence": prompted,
+              "n_answers": 40 * SAMPLES, "sweep": sweep}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot(result, out.with_suffix(".png")))
+    save(out, result)
+    print(f"wrote {out} and {result['plot']} from {log} ({len(sweep)} points)")
+    return result
+
+
 def main() -> None:
     setup_threads()
+    if len(sys.argv) == 3 and sys.argv[1] == "--from_log":
+        from_log(Path(sys.argv[2]), config("pirate"))
+        return
     run(config("pirate"))
 
 

@@ -84,6 +84,7 @@ def run(cfg, out: Path = RESULTS / "drift.json", turns: int = TURNS, n_conv: int
         print(f"drift | {who:13} | per turn {' '.join(f'{r:.2f}' for r in per_turn)} | {time.time() - t0:.0f}s", flush=True)
     result["summary"] = {who: {"first_3_turns": mean(m["per_turn"][:3]), "last_3_turns": mean(m["per_turn"][-3:]),
                                "all_turns": mean(m["per_turn"])} for who, m in result["models"].items()}
+    result.pop("partial", None)  # a run stopped early said which models were missing
     result["plot"] = str(plot(result, out.with_suffix(".png")))
     save(out, result)
     print(f"wrote {out} and {result['plot']}")

@@ -66,3 +66,13 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf data/*.jsonl data/*.json data/*.topk data/cache checkpoints/*/ exports/
+
+# The paper's claims reproduced at small scale on the embedded model (experiments/README.md): four small bakes and
+# their measurements, about 70 minutes on one busy core (estimated from the parts, experiments/README.md);
+# a rerun skips every finished bake and result.
+.PHONY: experiments
+experiments: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) experiments/half_baking.py
+	OMP_NUM_THREADS=1 $(PY) experiments/drift.py
+	OMP_NUM_THREADS=1 $(PY) experiments/knowledge.py
+	OMP_NUM_THREADS=1 $(PY) experiments/reprompt.py

@@ -108,6 +108,23 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    plt = pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_with_plot(out: Path, result: dict, plot) -> dict:
+    """Draws result's plot beside its JSON (same name, .png), then writes the JSON with the plot's path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot(result, out.with_suffix(".png")))
+    save(out, result)
+    print(f"wrote {out} and {result['plot']}")
+    return result
+
+
 def main_guard(fn) -> None:
     """Runs an experiment's main; a UserError from the pipeline prints its one line and exits 1."""
     from promptbake.errors import UserError

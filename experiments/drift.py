@@ -17,7 +17,20 @@ import random
 import time
 from pathlib import Path
 
-from common import RESULTS, config, ensure_baked, load_done, main_guard, pyplot, questions, save, settings_of, setup_threads
+from common import (
+    RESULTS,
+    config,
+    ensure_baked,
+    load_done,
+    main_guard,
+    pyplot,
+    questions,
+    save,
+    save_figure,
+    save_with_plot,
+    settings_of,
+    setup_threads,
+)
 
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
@@ -85,10 +98,7 @@ def run(cfg, out: Path = RESULTS / "drift.json", turns: int = TURNS, n_conv: int
     result["summary"] = {who: {"first_3_turns": mean(m["per_turn"][:3]), "last_3_turns": mean(m["per_turn"][-3:]),
                                "all_turns": mean(m["per_turn"])} for who, m in result["models"].items()}
     result.pop("partial", None)  # a run stopped early said which models were missing
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    save(out, result)
-    print(f"wrote {out} and {result['plot']}")
-    return result
+    return save_with_plot(out, result, plot)
 
 
 def mean(xs: list[float]) -> float:
@@ -115,10 +125,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title(f"Persona drift: {s['conversations']} conversations x {s['samples']} samples per turn")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

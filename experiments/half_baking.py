@@ -18,7 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, UNSEEN, config, ensure_baked, load_done, main_guard, pyplot, save, settings_of, setup_threads
+from common import (
+    RESULTS,
+    UNSEEN,
+    config,
+    ensure_baked,
+    load_done,
+    main_guard,
+    pyplot,
+    save,
+    save_figure,
+    save_with_plot,
+    settings_of,
+    setup_threads,
+)
 
 from promptbake.baked import load_baked
 from promptbake.data import Row, load_prompts
@@ -57,10 +70,7 @@ def run(cfg, out: Path = RESULTS / "half_baking.json", strengths: list[float] = 
         p["step"] = int(p["point"].split("-")[1]) if p["point"].startswith("step-") else None
     result = {"settings": settings, "checkpoint": str(final), "prompted_adherence": prompted,
               "n_answers": len(contexts) * samples, "sweep": sweep, "seconds": round(time.time() - t0, 1)}
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    save(out, result)
-    print(f"wrote {out} and {result['plot']}")
-    return result
+    return save_with_plot(out, result, plot)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -85,10 +95,7 @@ def plot(result: dict, path: Path) -> Path:
         ax2.set_ylim(-0.05, 1.05)
     axes[0].set_title("Half-baking by adapter strength")
     axes[1].set_title("Half-baking by training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def from_log(log: Path, cfg, out: Path = RESULTS / "half_baking.json") -> dict:

@@ -17,7 +17,19 @@ import re
 import time
 from pathlib import Path
 
-from common import HERE, RESULTS, config, ensure_baked, load_done, main_guard, pyplot, save, settings_of, setup_threads
+from common import (
+    HERE,
+    RESULTS,
+    config,
+    ensure_baked,
+    load_done,
+    main_guard,
+    pyplot,
+    save_figure,
+    save_with_plot,
+    settings_of,
+    setup_threads,
+)
 
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
@@ -81,10 +93,7 @@ def run(cfg, out: Path = RESULTS / "knowledge.json", eval_file: Path = EVAL) -> 
                              **{who: {"answer": answers[who][i], "right": right[who][i]} for who in WHO}}
                             for i, o in enumerate(items)],
               "seconds": round(time.time() - t0, 1)}
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    save(out, result)
-    print(f"wrote {out} and {result['plot']}")
-    return result
+    return save_with_plot(out, result, plot)
 
 
 def hash_text(text: str) -> str:
@@ -109,10 +118,7 @@ def plot(result: dict, path: Path) -> Path:
     grid.set_xticks(range(len(WHO)), [labels[w].replace("\n", " ") for w in WHO], fontsize=8)
     grid.set_yticks(range(len(cells)), [q["question"][:42] for q in result["questions"]], fontsize=7)
     grid.set_title("right (dark) / wrong (light), per question", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

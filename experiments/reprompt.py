@@ -15,7 +15,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import RESULTS, UNSEEN, config, ensure_baked, load_done, main_guard, pyplot, save, settings_of, setup_threads
+from common import (
+    RESULTS,
+    UNSEEN,
+    config,
+    ensure_baked,
+    load_done,
+    main_guard,
+    pyplot,
+    save,
+    save_figure,
+    save_with_plot,
+    settings_of,
+    setup_threads,
+)
 
 from promptbake.baked import load_baked
 from promptbake.data import load_prompts
@@ -49,10 +62,7 @@ def run(cfgs: list, out: Path = RESULTS / "reprompt.json", samples: int = SAMPLE
         print(f"reprompt | {cfg.name:8} | " + " | ".join(f"{w} {rates[w]:.2f}" for w in WHO)
               + f" | {time.time() - t0:.0f}s", flush=True)
         del model
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
-    save(out, result)
-    print(f"wrote {out} and {result['plot']}")
-    return result
+    return save_with_plot(out, result, plot)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -73,10 +83,7 @@ def plot(result: dict, path: Path) -> Path:
     n = next(iter(result["prompts"].values()))["answers"] if names else 0
     ax.set_title(f"Re-prompting: {n} answers per bar (unseen questions)")
     ax.legend(loc="upper right", fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """What the four experiments share: the small bake settings, bake-if-missing (resumable), JSON reuse, plots.
 
 Every run lives under experiments/runs/ (git-ignored: data/, checkpoints/), never in the user's data/ or
-checkpoints/. Results (JSON + PNG) go to experiments/results/, which is committed.
+checkpoints/. Results (JSON + PNG) go to experiments/results/, which is committed. A result's finished parts are
+reused only by the checkout that measured them (experiments/runs/run_id): a fresh clone measures everything
+again and overwrites the committed figures, so `git diff experiments/results` shows what changed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from promptbake import Config
 from promptbake.data import load_prompts
 from promptbake.generate import generate
-from promptbake.io import read_json, write_json
+from promptbake.io import atomic_write_bytes, read_json, write_json
 from promptbake.lineage import BAKE_CONFIG
 from promptbake.train import bake
 
@@ -75,12 +78,24 @@ def questions(path: Path = UNSEEN) -> list[str]:
     return [r.context[-1]["content"] for r in load_prompts(str(path))]
 
 
+def run_id(runs: Path = RUNS) -> str:
+    """This checkout's experiment run, made on first use: results carry it, and only its own are resumed."""
+    path = runs / "run_id"
+    if not path.exists():
+        runs.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, uuid.uuid4().hex.encode())
+    return path.read_text().strip()
+
+
 def load_done(path: Path, settings: dict) -> dict | None:
-    """A result file written with these exact settings (its parts are reused), else None."""
+    """A result file this checkout wrote with these exact settings (its parts are reused), else None."""
     path.parent.mkdir(parents=True, exist_ok=True)  # the plot is drawn before the first save
     if not path.exists():
         return None
     old = read_json(path)
+    if old.get("run_id") != run_id():
+        print(f"{path}: measured by another checkout (the committed figures); measuring again")
+        return None
     if old.get("settings") != settings:
         print(f"{path}: written with other settings; starting it again")
         return None
@@ -89,7 +104,7 @@ def load_done(path: Path, settings: dict) -> dict | None:
 
 def save(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
+    write_json(path, {**result, "run_id": run_id()})
 
 
 def settings_of(cfg: Config, **extra) -> dict:
@@ -119,9 +134,9 @@ def save_figure(fig, path: Path) -> Path:
 def save_with_plot(out: Path, result: dict, plot) -> dict:
     """Draws result's plot beside its JSON (same name, .png), then writes the JSON with the plot's path."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
+    result["plot"] = plot(result, out.with_suffix(".png")).name  # beside the JSON: no machine's path in the repo
     save(out, result)
-    print(f"wrote {out} and {result['plot']}")
+    print(f"wrote {out} and {out.with_name(result['plot'])}")
     return result
 
 

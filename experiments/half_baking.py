@@ -114,9 +114,9 @@ def from_log(log: Path, cfg, out: Path = RESULTS / "half_baking.json") -> dict:
     result = {"settings": settings, "from_log": str(log), "prompted_adherence": prompted,
               "n_answers": 40 * SAMPLES, "sweep": sweep}
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(plot(result, out.with_suffix(".png")))
+    result["plot"] = plot(result, out.with_suffix(".png")).name
     save(out, result)
-    print(f"wrote {out} and {result['plot']} from {log} ({len(sweep)} points)")
+    print(f"wrote {out} and {out.with_name(result['plot'])} from {log} ({len(sweep)} points)")
     return result
 
 

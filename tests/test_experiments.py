@@ -66,10 +66,15 @@ def test_drift_counts_each_turn_and_resumes(runs, tiny_model_dir, tmp_path, caps
         assert m["per_turn"] == [sum(h[t] for h in m["hits"]) / 4 for t in range(3)]
         assert [follows(e["answer"], [], cfg.marker_regex) for e in m["example"]] == m["hits"][0]
     assert 0 <= r["summary"]["baked"]["all_turns"] <= 1
-    assert Path(r["plot"]).stat().st_size > 10_000
+    assert (tmp_path / r["plot"]).stat().st_size > 10_000 and r["plot"] == "drift.png"  # beside it, no path
     capsys.readouterr()
     again = drift.run(cfg, out=out, turns=3, n_conv=2, samples=2)
     assert "in " in capsys.readouterr().out and again["models"] == r["models"]  # nothing was answered again
+    # the committed figures of another checkout (a fresh clone's) are measured again, not reused
+    out.write_text(json.dumps({**json.loads(out.read_text()), "run_id": "another-checkout"}))
+    assert common.load_done(out, r["settings"]) is None
+    assert "another checkout" in capsys.readouterr().out
+    assert common.load_done(out.with_name("missing.json"), r["settings"]) is None
 
 
 def test_half_baking_sweeps_strengths_and_every_saved_step(runs, tiny_model_dir, tmp_path):
@@ -84,7 +89,7 @@ def test_half_baking_sweeps_strengths_and_every_saved_step(runs, tiny_model_dir,
     at = {p["point"]: p for p in r["sweep"]}
     assert at["strength 1"]["kl"] == pytest.approx(at[f"step-{steps[-1]}"]["kl"], rel=1e-4)  # the last step is final
     assert at["strength 0"]["kl"] != pytest.approx(at["strength 1"]["kl"], rel=1e-3)
-    assert Path(r["plot"]).stat().st_size > 10_000
+    assert (tmp_path / r["plot"]).stat().st_size > 10_000
 
 
 def test_reprompt_reports_four_models_per_prompt(runs, tiny_model_dir, tmp_path):
@@ -95,7 +100,7 @@ def test_reprompt_reports_four_models_per_prompt(runs, tiny_model_dir, tmp_path)
         assert set(p["adherence"]) == set(reprompt.WHO) and all(0 <= v <= 1 for v in p["adherence"].values())
         assert p["answers"] == 4 and p["kl_base"] > 0 and p["kl_baked"] >= 0
     assert "cats" in r["prompts"]["cats"]["prompt"]
-    assert Path(r["plot"]).stat().st_size > 10_000
+    assert (tmp_path / r["plot"]).stat().st_size > 10_000
 
 
 def test_knowledge_scores_four_models(runs, tiny_model_dir, tmp_path):
@@ -108,7 +113,7 @@ def test_knowledge_scores_four_models(runs, tiny_model_dir, tmp_path):
     for who in knowledge.WHO:
         assert r["accuracy"][who] == sum(q[who]["right"] for q in r["questions"]) / 3
         assert all(q[who]["right"] == knowledge.correct(q[who]["answer"], q["accepted"]) for q in r["questions"])
-    assert Path(r["plot"]).stat().st_size > 10_000
+    assert (tmp_path / r["plot"]).stat().st_size > 10_000
 
 
 def write_queries(tmp_path, n):

@@ -97,9 +97,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     to_prefix = _prefix_columns(kwargs, len(shared_prefix.ids), prefix_k.shape[1], batch, width, query.device)
     mask = torch.cat([to_prefix, allowed], dim=-1)
     if query.device.type == "cpu":  # the CPU kernel takes a mask and grouped kv heads without repeating them
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                               enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+        dtype = query.dtype
+        # In bf16 (the student under autocast) the CPU's flash kernel runs forward + backward 2.5x slower than
+        # in fp32 at these sizes (benchmarks/README.md), and the attention FLOPs are few: upcast, and run outside
+        # autocast, which would cast back to bf16.
+        with torch.autocast("cpu", enabled=False):
+            out = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float(),
+                                                                   attn_mask=mask, scale=scaling, enable_gqa=True)
+        return out.to(dtype).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
 
 

@@ -99,11 +99,16 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss(hidden: torch.Tensor, head, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-              per_token, chunk: int) -> torch.Tensor:
+              per_token, chunk: int, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean over the N positions of per_token(...) from hidden states [N, d] through a frozen linear head
-    (a `forward.Head`, whose final soft-cap is applied, or a plain nn.Linear)."""
+    (a `forward.Head`, whose final soft-cap is applied, or a plain nn.Linear). `matmul_dtype` (training only):
+    the head's two matmuls run in it (bf16: precision.py); the logits are cast to fp32 before the softmax."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        total = _HeadLoss.apply(hidden, head.weight, head.bias, teacher_ids.long(), teacher_logprobs, chunk, per_token,
+        weight, bias = head.weight, head.bias
+        if matmul_dtype is not None and matmul_dtype != weight.dtype:  # a cast per call: nothing cached goes stale
+            hidden, weight = hidden.to(matmul_dtype), weight.to(matmul_dtype)
+            bias = bias.to(matmul_dtype) if bias is not None else None
+        total = _HeadLoss.apply(hidden, weight, bias, teacher_ids.long(), teacher_logprobs, chunk, per_token,
                                 getattr(head, "softcap", None))
     else:
         total = sum(per_token(log_probs_at(head(hidden[c:c + chunk]), teacher_ids[c:c + chunk]),
@@ -117,12 +122,13 @@ def _frozen_linear(head) -> bool:
 
 
 def head_topk_kl_with_tail(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
-                           teacher_logprobs: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+                           teacher_logprobs: torch.Tensor, chunk: int = 128,
+                           matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """topk_kl_with_tail(head(hidden), ...) averaged over all N positions (hidden [N, d]), without ever
     holding the [N, V] logits or their gradient: at V = 49k-152k those are the largest tensors of a step."""
     if not _frozen_linear(head):  # a trained head: plain autograd
         return topk_kl_with_tail(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)))
-    return head_loss(hidden, head, teacher_ids, teacher_logprobs, topk_tail_kl_per_token, chunk)
+    return head_loss(hidden, head, teacher_ids, teacher_logprobs, topk_tail_kl_per_token, chunk, matmul_dtype)
 
 
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,10 +185,11 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
 
 
 def head_topk_divergence(hidden: torch.Tensor, head: torch.nn.Module, teacher_ids: torch.Tensor,
-                         teacher_logprobs: torch.Tensor, beta: float = 1.0, chunk: int = 128) -> torch.Tensor:
+                         teacher_logprobs: torch.Tensor, beta: float = 1.0, chunk: int = 128,
+                         matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """topk_divergence(head(hidden), ...) averaged over all N positions (hidden [N, d]), never holding the
     [N, V] logits or their gradient (see head_topk_kl_with_tail)."""
     if not _frozen_linear(head):  # a trained head: plain autograd
         return topk_divergence(head(hidden), teacher_ids, teacher_logprobs, hidden.new_ones(len(hidden)), beta)
     return head_loss(hidden, head, teacher_ids, teacher_logprobs,
-                     functools.partial(coarse_divergence_per_token, beta=beta), chunk)
+                     functools.partial(coarse_divergence_per_token, beta=beta), chunk, matmul_dtype)

@@ -26,7 +26,7 @@ from .chat import render_prompt_ids
 from .forward import backbone_and_head, response_hidden, token_pieces
 from .generate import generate_ids
 from .loss import head_topk_divergence, teacher_topk
-from .precision import autocast
+from .precision import autocast, head_dtype
 
 
 @dataclass
@@ -125,7 +125,7 @@ def train_on_rollouts(model, rollouts: list[Rollout], t_ids: torch.Tensor, t_lp:
             hidden = response_hidden(model, [rollouts[i].student_ids for i in piece],
                                      [rollouts[i].n_response for i in piece], pad_id)
         loss = head_topk_divergence(hidden.to(head.weight.dtype), head, t_ids[rows].to(hidden.device),
-                                    t_lp[rows].to(hidden.device), s.beta)
+                                    t_lp[rows].to(hidden.device), s.beta, matmul_dtype=head_dtype(bf16))
         (loss * len(rows) / total).backward()
         value += loss.item() * len(rows) / total
     return value

@@ -2,8 +2,10 @@
 
 On CPU the base model is held in fp32. A CPU with native bf16 (avx512_bf16 or AMX) multiplies in bf16 several
 times faster, so the student's forward and backward run under torch.autocast(bf16) there: linear layers compute
-in bf16, while the LoRA weights, the optimizer state, the residual stream, the output head, log_softmax and the
-loss stay fp32 (the head runs outside autocast; see train.batch_loss). The teacher's log-probabilities and every
+in bf16, while the LoRA weights, the optimizer state, the residual stream, log_softmax and the loss stay fp32.
+The output head's two matmuls (logits, and the gradient back to the hidden state) run in bf16 too: at a
+49k-token vocabulary they are a third of a step's FLOPs, and fp32 runs them 3-7x slower; the logits are cast
+to fp32 before the softmax (`head_dtype`, loss.head_loss). The teacher's log-probabilities and every
 evaluation stay fp32: bf16 would put its rounding noise (~0.03 nats per log-prob, benchmarks/levers_checks.json)
 into the targets and the figures. A GPU already holds the base in bf16, so autocast adds nothing there.
 """
@@ -45,8 +47,15 @@ def autocast(enabled: bool, device) -> contextlib.AbstractContextManager:
     return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def head_dtype(enabled: bool) -> torch.dtype | None:
+    """The dtype of the student's head matmuls in training: bf16 with autocast, else the model's own."""
+    return torch.bfloat16 if enabled else None
+
+
 def describe(enabled: bool, setting: str, device: str) -> str:
     why = "this CPU has native bf16" if enabled and setting == "auto" else \
         "no native bf16 on this CPU" if setting == "auto" and device == "cpu" else \
         "the model already runs in its own dtype on this device" if setting == "auto" else f"--bf16 {setting}"
-    return f"student matmuls: {'bf16 autocast' if enabled else 'model dtype'} ({why}); teacher, head and loss fp32"
+    rest = "the head's matmuls bf16 too; attention on CPU, softmax, loss and teacher fp32" if enabled else \
+        "teacher, head and loss fp32"
+    return f"student matmuls: {'bf16 autocast' if enabled else 'model dtype'} ({why}); {rest}"

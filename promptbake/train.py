@@ -203,14 +203,15 @@ def epoch_plan(targets: list[Target], batch_size: int, seed: int, epoch: int) ->
 
 def batch_loss(model, target: Target, rows: list[int], pad_id: int, bf16: bool = False) -> tuple[torch.Tensor, int]:
     """Mean top-K+tail KL of the student on these rows, and their number of response tokens. `bf16`: the
-    transformer runs under bf16 autocast; the head and the loss stay fp32 (see precision.py)."""
+    transformer and the head's matmuls run in bf16; the softmax and the loss stay fp32 (see precision.py)."""
     ex = [target.examples[r] for r in rows]
-    with precision.autocast(bf16, backbone_and_head(model)[1].weight.device):
+    head = backbone_and_head(model)[1]
+    with precision.autocast(bf16, head.weight.device):
         hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
     hidden = hidden.float()
     t_ids = torch.cat([target.teacher.row(r)[1] for r in rows]).to(hidden.device)
     t_lp = torch.cat([target.teacher.row(r)[2] for r in rows]).to(hidden.device)
-    return head_topk_kl_with_tail(hidden, backbone_and_head(model)[1], t_ids, t_lp), len(hidden)
+    return head_topk_kl_with_tail(hidden, head, t_ids, t_lp, matmul_dtype=precision.head_dtype(bf16)), len(hidden)
 
 
 # ---------------------------------------------------------------- evaluation

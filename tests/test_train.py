@@ -95,9 +95,9 @@ def test_nan_loss_stops_and_names_the_step(workdir, tiny_model_dir, monkeypatch)
     write_data(workdir / "data" / "default.jsonl")
     real, calls = train.head_topk_kl_with_tail, []
 
-    def sometimes_nan(*a):
+    def sometimes_nan(*a, **kw):
         calls.append(1)
-        loss = real(*a)
+        loss = real(*a, **kw)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "head_topk_kl_with_tail", sometimes_nan)

@@ -170,10 +170,18 @@ def evaluate_unseen(persona: str, checkpoint: Path, workdir: Path) -> dict:
             "examples": [{"user": c[-1]["content"], "baked_greedy": g} for c, g in list(zip(contexts, greedy))[:4]]}
 
 
+def commit() -> str:
+    """The code a lever ran on: the same lever at two commits (e.g. before and after a kernel change) differs."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def run_lever(persona: str, spec: str, workdir: Path, threads: int) -> dict:
     final, times = run_bake(persona, spec, workdir)
     result = {"persona": persona, "lever": spec, "threads": threads, **times, **evaluate_unseen(persona, final, workdir),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit()}
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     results.append(result)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
@@ -181,11 +189,11 @@ def run_lever(persona: str, spec: str, workdir: Path, threads: int) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'persona':8} {'lever':52} {'thr':>3} {'KL before':>9} {'after':>7} {'cut':>6} {'top1':>5} "
+    print(f"\n{'persona':8} {'lever':52} {'commit':>7} {'thr':>3} {'KL before':>9} {'after':>7} {'cut':>6} {'top1':>5} "
           f"{'greedy b/p/baked':>17} {'sampled b/p/baked':>18} {'gen s':>6} {'bake s':>7} {'total s':>7}")
     for r in results:
         g, s = r["rate_greedy"], r["rate_sampled"]
-        print(f"{r['persona']:8} {r['lever'][:52]:52} {r['threads']:>3} {r['kl_before']:>9.4f} {r['kl_after']:>7.4f} "
+        print(f"{r['persona']:8} {r['lever'][:52]:52} {r.get('commit', 'before'):>7} {r['threads']:>3} {r['kl_before']:>9.4f} {r['kl_after']:>7.4f} "
               f"{100 * r['kl_cut']:>5.1f}% {r['top1_after']:>5.3f} "
               f"{g['base']:>5.2f}/{g['prompted']:.2f}/{g['baked']:.2f} {s['base']:>6.2f}/{s['prompted']:.2f}/{s['baked']:.2f} "
               f"{r['generate_s']:>6.0f} {r['bake_s']:>7.0f} {r['total_s']:>7.0f}")

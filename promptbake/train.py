@@ -583,12 +583,15 @@ def verify(model, tokenizer, target: Target, cfg) -> None:
     groups = dict.fromkeys(target.examples[r].group for r in (target.held_out or target.train))
     contexts = [orjson.loads(g) for g in list(groups)[:cfg.verify_queries]]
     print(f"\nverification of target {target.name!r} on {len(contexts)} held-out queries (greedy):")
-    for ctx in contexts:
-        baked_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, target.student_prompt or None)],
-                                 temperature=0, max_new_tokens=cfg.eval_max_new_tokens)[0][0]
-        with model.disable_adapter():
-            base_ids = generate_ids(model, tokenizer, [render_prompt_ids(tokenizer, ctx, target.system)], temperature=0,
-                                    max_new_tokens=cfg.eval_max_new_tokens)[0][0]
+    def greedy(system):  # the queries batched: on a CPU the decode steps, not the rows, are what cost
+        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts]
+        return [a for b in range(0, len(prompts), cfg.gen_batch_size) for a in generate_ids(
+            model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=0, max_new_tokens=cfg.eval_max_new_tokens)]
+
+    baked = greedy(target.student_prompt or None)
+    with model.disable_adapter():
+        prompted = greedy(target.system)
+    for ctx, (base_ids, _), (baked_ids, _) in zip(contexts, prompted, baked):
         print(f"  user:             {ctx[-1]['content']}")
         print(f"  {teacher}{decode_response(tokenizer, base_ids)[:200]!r}")
         print(f"  baked, no prompt: {decode_response(tokenizer, baked_ids)[:200]!r}\n")

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from promptbake.data import Row
-from promptbake.forward import MIN_SHARED, common_prefix_len, pad_left, shared_prefix
+from promptbake.forward import MIN_SHARED, backbone_and_head, common_prefix_len, pad_left, shared_prefix
 from promptbake.generate import answer_locally
-from promptbake.loss import full_kl
+from promptbake.loss import full_kl, head_topk_kl_with_tail
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
 from promptbake.precision import use_bf16
 from promptbake.seeds import seed_queries
@@ -211,6 +211,41 @@ def bench_training(model, tokenizer, examples, teacher, k, batch, steps, repeats
             "padding_naive": 1 - sum(len(examples[r].student_ids) for b in naive_batches for r in b) / padded_naive}
 
 
+def bench_student_kernels(model, repeats) -> dict:
+    """The two kernels the bf16 student keeps out of plain autocast, at a training step's shapes (8 rows of 64
+    response tokens after a 30-token shared prefix): attention forward + backward with bf16 inputs in the CPU's
+    bf16 flash kernel against the same inputs upcast to fp32 (forward.py), and the head's chunked loss with its
+    two matmuls in bf16 against fp32 (loss.head_loss)."""
+    cfg = model.config
+    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(8, heads, 64, d, generator=g).bfloat16()
+    k, v = (torch.randn(8, kv, 94, d, generator=g).bfloat16() for _ in range(2))
+    mask = torch.cat([torch.ones(8, 1, 64, 30, dtype=torch.bool), torch.ones(64, 64, dtype=torch.bool).tril()
+                      .expand(8, 1, 64, 64)], -1)
+
+    def attention(upcast):
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        a, b, c = (t.float() for t in (q_, k_, v_)) if upcast else (q_, k_, v_)
+        torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=mask, enable_gqa=True).float().sum().backward()
+
+    head = backbone_and_head(model)[1]
+    hidden = torch.randn(512, cfg.hidden_size, generator=g, requires_grad=True)
+    ids = torch.randint(0, head.weight.shape[0], (512, 20), generator=g)
+    lps = torch.log_softmax(torch.randn(512, 20, generator=g), -1) - 0.1
+
+    def head_loss(dtype):
+        head_topk_kl_with_tail(hidden, head, ids, lps, matmul_dtype=dtype).backward()
+
+    times = {"attention_bf16_s": median_time(lambda: attention(False), repeats),
+             "attention_fp32_s": median_time(lambda: attention(True), repeats),
+             "head_fp32_s": median_time(lambda: head_loss(None), repeats),
+             "head_bf16_s": median_time(lambda: head_loss(torch.bfloat16), repeats)}
+    times["attention_upcast_speedup"] = times["attention_bf16_s"] / times["attention_fp32_s"]
+    times["head_bf16_speedup"] = times["head_fp32_s"] / times["head_bf16_s"]
+    return times
+
+
 def bench_generation(model, tokenizer, batch, repeats):
     rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(seed_queries()[:batch])]
     system = system_prompt(tokenizer, 50)
@@ -309,6 +344,8 @@ def main():
         results["generation"] = bench_generation(model, tokenizer, args.gen_batch_size, args.repeats)
     results["training"] = bench_training(model, tokenizer, examples, teacher, args.top_k, args.batch_size, args.steps,
                                          args.repeats, device, bf16)
+    if bf16 and device == "cpu":
+        results["student_kernels"] = bench_student_kernels(model, args.repeats)
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else rss_gb()
     if not args.skip_make_bake:
         print("running the default make bake (generate + bake) in a scratch folder...")
@@ -342,6 +379,13 @@ def main():
           f"{t['sys2000']['reuse_gflop'] / t['sys50']['reuse_gflop']:.2f} |")
     print(f"| student training: response tok/s, steps/s | {tr['response_tok_per_s']:.0f}, {tr['steps_per_s']:.3f} |")
     print(f"| student training: bf16 autocast | {'on' if tr['bf16'] else 'off'}; step {tr['bf16_speedup']:.2f}x the fp32 one |")
+    if "student_kernels" in results:
+        sk = results["student_kernels"]
+        print(f"| bf16 student, attention fwd+bwd per layer: bf16 flash / upcast to fp32 (ms) | "
+              f"{1000 * sk['attention_bf16_s']:.1f} / {1000 * sk['attention_fp32_s']:.1f} "
+              f"({sk['attention_upcast_speedup']:.2f}x) |")
+        print(f"| bf16 student, head loss fwd+bwd on 512 tokens: fp32 / bf16 matmuls (ms) | "
+              f"{1000 * sk['head_fp32_s']:.0f} / {1000 * sk['head_bf16_s']:.0f} ({sk['head_bf16_speedup']:.2f}x) |")
     print(f"| padding: ours / naive batches | {tr['padding_ours']:.1%} / {tr['padding_naive']:.1%} |")
     gen = results["generation"]
     print(f"| generation rows/s: batch 1 / batch {args.gen_batch_size} | "

@@ -193,7 +193,8 @@ def print_table(results: list[dict]) -> None:
           f"{'greedy b/p/baked':>17} {'sampled b/p/baked':>18} {'gen s':>6} {'bake s':>7} {'total s':>7}")
     for r in results:
         g, s = r["rate_greedy"], r["rate_sampled"]
-        print(f"{r['persona']:8} {r['lever'][:52]:52} {r.get('commit', 'before'):>7} {r['threads']:>3} {r['kl_before']:>9.4f} {r['kl_after']:>7.4f} "
+        print(f"{r['persona']:8} {r['lever'][:52]:52} {r.get('commit', 'before'):>7} {r['threads']:>3} "
+              f"{r['kl_before']:>9.4f} {r['kl_after']:>7.4f} "
               f"{100 * r['kl_cut']:>5.1f}% {r['top1_after']:>5.3f} "
               f"{g['base']:>5.2f}/{g['prompted']:.2f}/{g['baked']:.2f} {s['base']:>6.2f}/{s['prompted']:.2f}/{s['baked']:.2f} "
               f"{r['generate_s']:>6.0f} {r['bake_s']:>7.0f} {r['total_s']:>7.0f}")

@@ -43,7 +43,7 @@ PROMPTS = {
 # A small bake: 40 built-in queries x 2 temperatures = 80 rows, 64-token answers, 2 epochs, a step checkpoint
 # every 2 steps (the half-baking sweep reads them). A few minutes per bake on one core.
 SMALL = dict(num_queries=40, temperatures=[0.7, 1.0], max_new_tokens=64, eval_max_new_tokens=64, num_epochs=2,
-             save_steps=2, verify_queries=0, wandb_mode="disabled")
+             batch_size=8, save_steps=2, verify_queries=0, wandb_mode="disabled")
 
 
 def setup_threads() -> None:
@@ -72,6 +72,11 @@ def ensure_baked(cfg: Config) -> Path:
     final = bake(dataclasses.replace(cfg, resume=True))
     print(f"bake {cfg.name} | done in {time.time() - t0:.0f}s", flush=True)
     return final
+
+
+def shown(path: Path) -> str:
+    """A path as a result JSON records it: relative to the project, so no machine's folders land in the repo."""
+    return os.path.relpath(path, ROOT)
 
 
 def questions(path: Path = UNSEEN) -> list[str]:
@@ -110,7 +115,7 @@ def save(path: Path, result: dict) -> None:
 def settings_of(cfg: Config, **extra) -> dict:
     """What a result depends on: the model, the bake's settings and the experiment's own."""
     keys = ("model_name_or_path", "num_queries", "temperatures", "max_new_tokens", "eval_max_new_tokens", "num_epochs",
-            "learning_rate", "seed", "top_k")
+            "batch_size", "learning_rate", "seed", "top_k")
     return {**{k: getattr(cfg, k) for k in keys}, **extra}
 
 

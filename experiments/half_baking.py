@@ -31,6 +31,7 @@ from common import (
     save_with_plot,
     settings_of,
     setup_threads,
+    shown,
 )
 
 from promptbake.baked import load_baked
@@ -68,7 +69,7 @@ def run(cfg, out: Path = RESULTS / "half_baking.json", strengths: list[float] = 
                       sweep_points(final, strengths, steps=True), samples)
     for p in sweep:  # step-N points carry their step number
         p["step"] = int(p["point"].split("-")[1]) if p["point"].startswith("step-") else None
-    result = {"settings": settings, "checkpoint": str(final), "prompted_adherence": prompted,
+    result = {"settings": settings, "checkpoint": shown(final), "prompted_adherence": prompted,
               "n_answers": len(contexts) * samples, "sweep": sweep, "seconds": round(time.time() - t0, 1)}
     return save_with_plot(out, result, plot)
 

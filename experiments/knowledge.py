@@ -29,6 +29,7 @@ from common import (
     save_with_plot,
     settings_of,
     setup_threads,
+    shown,
 )
 
 from promptbake.baked import load_baked
@@ -87,7 +88,7 @@ def run(cfg, out: Path = RESULTS / "knowledge.json", eval_file: Path = EVAL) -> 
         right = [correct(a, o["answers"]) for a, o in zip(answers[who], items)]
         print(f"knowledge | {who:16} | {sum(right)}/{len(right)} right", flush=True)
     right = {who: [correct(a, o["answers"]) for a, o in zip(answers[who], items)] for who in WHO}
-    result = {"settings": settings, "checkpoint": str(final), "n_questions": len(items),
+    result = {"settings": settings, "checkpoint": shown(final), "n_questions": len(items),
               "accuracy": {who: sum(r) / len(r) for who, r in right.items()},
               "questions": [{"question": o["question"], "accepted": o["answers"],
                              **{who: {"answer": answers[who][i], "right": right[who][i]} for who in WHO}}

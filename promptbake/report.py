@@ -1,8 +1,9 @@
 """report.html: one self-contained page per run folder, to look at a bake instead of reading its logs.
 
 The page shows the prompt, the lineage, the curves of metrics.jsonl, the evaluation table and answers of
-eval.json, and the half-baking and pursuit plots when they exist. Every image is an inline base64 PNG and
-nothing is fetched, so the file opens from file:// on any machine, mailed or copied alone.
+eval.json (else of the newest eval_<queries>.json), and the half-baking and pursuit plots when they exist.
+Every image is an inline base64 PNG and nothing is fetched, so the file opens from file:// on any machine, mailed
+or copied alone.
 
 bake.py writes it at the end, evaluate.py and pursue.py refresh it, `python report.py` rebuilds it. A report
 that fails to build never costs a bake: `try_write_report` prints a warning and carries on.
@@ -187,6 +188,17 @@ def config_rows(config: dict) -> list[tuple[str, str]]:
     return out
 
 
+def eval_result(checkpoint: Path | None) -> dict | None:
+    """What the page shows: eval.json (the run's own held-out rows), else the newest eval_<queries>.json that
+    `evaluate.py --queries FILE` wrote."""
+    if checkpoint is None:
+        return None
+    if (checkpoint / "eval.json").exists():
+        return read_json(checkpoint / "eval.json")
+    others = sorted(checkpoint.glob("eval_*.json"), key=lambda p: p.stat().st_mtime)
+    return read_json(others[-1]) if others else None
+
+
 def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
     """Everything the template shows, read from the run's files; a missing file is a missing section."""
     info_path = next((p for p in ([checkpoint / BAKE_CONFIG] if checkpoint else []) + [run_dir / BAKE_CONFIG]
@@ -196,7 +208,7 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
     info = read_json(info_path)
     rows = [r for _, r in read_jsonl(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
     curves = curves_png(rows)
-    result = read_json(checkpoint / "eval.json") if checkpoint and (checkpoint / "eval.json").exists() else None
+    result = eval_result(checkpoint)
     evals = []
     for i, r in enumerate(eval_targets(result) if result else []):
         plot = png_file_uri(checkpoint / Path(r["plot"]).name) if r.get("plot") else None

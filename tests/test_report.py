@@ -166,6 +166,17 @@ def test_a_run_not_evaluated_says_how_and_shows_what_it_has(tmp_path):
     assert page.images() == [] and "No metrics.jsonl rows yet." in page.plain
 
 
+def test_an_evaluation_on_a_query_file_shows_when_there_is_no_eval_json(tmp_path):
+    run = fake_run(tmp_path)
+    result = json.loads((run / "final" / "eval.json").read_text())
+    (run / "final" / "eval.json").unlink()
+    write(run / "final" / "eval_unseen_questions.json", {**result, "queries": "examples/unseen_questions.txt"})
+    page = Page(report.write_report(run).read_text())
+    assert "Not evaluated yet" not in page.plain and "examples/unseen_questions.txt" in page.plain
+    write(run / "final" / "eval.json", result)  # the run's own held-out evaluation comes first
+    assert "examples/unseen_questions.txt" not in Page(report.write_report(run).read_text()).plain
+
+
 def test_several_targets_each_get_a_table(tmp_path):
     run = fake_run(tmp_path)
     one = json.loads((run / "final" / "eval.json").read_text())

@@ -188,15 +188,15 @@ def config_rows(config: dict) -> list[tuple[str, str]]:
     return out
 
 
-def eval_result(checkpoint: Path | None) -> dict | None:
+def eval_file(checkpoint: Path | None) -> Path | None:
     """What the page shows: eval.json (the run's own held-out rows), else the newest eval_<queries>.json that
     `evaluate.py --queries FILE` wrote."""
     if checkpoint is None:
         return None
     if (checkpoint / "eval.json").exists():
-        return read_json(checkpoint / "eval.json")
+        return checkpoint / "eval.json"
     others = sorted(checkpoint.glob("eval_*.json"), key=lambda p: p.stat().st_mtime)
-    return read_json(others[-1]) if others else None
+    return others[-1] if others else None
 
 
 def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
@@ -208,7 +208,8 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
     info = read_json(info_path)
     rows = [r for _, r in read_jsonl(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
     curves = curves_png(rows)
-    result = eval_result(checkpoint)
+    shown = eval_file(checkpoint)
+    result = read_json(shown) if shown else None
     evals = []
     for i, r in enumerate(eval_targets(result) if result else []):
         plot = png_file_uri(checkpoint / Path(r["plot"]).name) if r.get("plot") else None
@@ -238,7 +239,7 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
             "generated": time.strftime("%Y-%m-%d %H:%M"), "base_model": info.get("base_model_path"),
             "targets": targets, "lineage": lineage_rows(info), "config": config_rows(config),
             "curves": png_uri(curves) if curves else None, "summary": bake_summary(rows),
-            "evals": evals, "retention": retention,
+            "evals": evals, "eval_file": shown.name if shown else "eval.json", "retention": retention,
             "lineage_adherence": pick((result or {}).get("lineage", []), ("bake", "target", "prompt", "base",
                                                                           "base_all_prompts", "baked")),
             "pursuit": pursuit, "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))}}

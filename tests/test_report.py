@@ -173,6 +173,7 @@ def test_an_evaluation_on_a_query_file_shows_when_there_is_no_eval_json(tmp_path
     write(run / "final" / "eval_unseen_questions.json", {**result, "queries": "examples/unseen_questions.txt"})
     page = Page(report.write_report(run).read_text())
     assert "Not evaluated yet" not in page.plain and "examples/unseen_questions.txt" in page.plain
+    assert "the first answers of eval_unseen_questions.json" in page.plain
     write(run / "final" / "eval.json", result)  # the run's own held-out evaluation comes first
     assert "examples/unseen_questions.txt" not in Page(report.write_report(run).read_text()).plain
 

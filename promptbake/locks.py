@@ -18,14 +18,14 @@ from pathlib import Path
 
 from .api_client import redact
 from .errors import UserError
-from .io import make_parent
+from .io import make_parent, side_name
 
 _held: dict[str, int] = {}  # lock file -> nesting depth in this process (flock would refuse a second open)
 
 
 def lock_path(path: str | Path) -> Path:
     path = Path(path).absolute()
-    return path.with_name(f".{path.name}.lock")
+    return path.with_name(f".{side_name(path.name)}.lock")  # a legal long name stays lockable
 
 
 def _holder(fd: int) -> str:

@@ -93,7 +93,7 @@ def test_merged_equals_the_adapter_model_and_the_adapter_is_portable(baked, tmp_
     card = (out / "README.md").read_text()
     assert "Arr!" in card and "AutoModelForCausalLM" in card and "--enable-lora" in card
     assert (out / "merged" / "README.md").read_text() == card
-    assert not list(tmp_path.glob(".exp.*"))  # no temp folder left beside it
+    assert [p.name for p in tmp_path.glob(".exp.*")] == [".exp.lock"]  # no temp folder beside it, only the (empty) lock
 
 
 def test_vllm_check_names_each_problem(baked, tmp_path):
@@ -146,11 +146,10 @@ def test_bad_input_is_refused_and_nothing_half_written_is_left(baked, tmp_path, 
     with pytest.raises(UserError, match="nothing to export: llama.cpp's converters are not installed"):
         export(cfg, str(baked["a"]), "gguf", str(tmp_path / "x"))
     out = tmp_path / "exists"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    export(cfg, str(baked["a"]), "adapter", str(out))
     with pytest.raises(UserError, match="exists; pass --overwrite"):
         export(cfg, str(baked["a"]), "adapter", str(out))
-    assert (out / "mine.txt").read_text() == "keep me"
+    before = (out / "export.json").read_bytes()
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -158,14 +157,110 @@ def test_bad_input_is_refused_and_nothing_half_written_is_left(baked, tmp_path, 
     monkeypatch.setattr(ex, "write_adapter", disk_full)  # the last format fails, after merged/ was written
     with pytest.raises(UserError, match="No space left on device"):
         export(cfg, str(baked["a"]), "merged,adapter", str(out), overwrite=True)
-    assert (out / "mine.txt").read_text() == "keep me"  # the old folder is intact
+    assert (out / "export.json").read_bytes() == before and not (out / "merged").exists()  # the old export is intact
     with pytest.raises(UserError, match="No space left on device"):
         export(cfg, str(baked["a"]), "merged,adapter", str(tmp_path / "fresh"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # nothing half-written, no temp folder
+    # nothing half-written, no temp folder (the lock files beside the destinations are empty and harmless)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["exists"]
     monkeypatch.undo()
     monkeypatch.setenv("PROMPTBAKE_LLAMACPP_CONVERT", str(tmp_path / "none"))
-    export(cfg, str(baked["a"]), "adapter", str(out), overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "adapter" / "adapter_config.json").exists()
+    export(cfg, str(baked["a"]), "merged,adapter", str(out), overwrite=True)
+    assert (out / "merged").is_dir() and (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.fixture
+def project_copy(baked, tmp_path, monkeypatch):
+    """A temporary copy of the baked project, as the working folder: the destructive cases run here."""
+    root = tmp_path / "project"
+    shutil.copytree(baked["root"], root)
+    (root / ".git").mkdir()  # the project is a repository, as a user's clone is
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(root)
+    return root
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_never_deletes_a_run_the_project_or_a_home_folder(project_copy, no_converters):
+    """--overwrite (or `overwrite: true` in a YAML file) replaces only an earlier export (issue #28)."""
+    cfg = make_cfg()
+    checkpoint = project_copy / "checkpoints" / "a" / "final"
+    kept = tree(project_copy)
+    cases = {"checkpoints/a": "is the run folder of the checkpoint", "checkpoints/a/final": "is the checkpoint",
+             "checkpoints": "is the checkpoints folder", "data": "is the data folder", ".": "is the working folder",
+             str(project_copy): "is the working folder", "..": "holds the working folder",
+             str(project_copy.parent / "home"): "is your home folder", "/": "the filesystem root",
+             "checkpoints/a/final/exp": "lies inside the checkpoint"}
+    for out, why in cases.items():
+        with pytest.raises(UserError, match=why):
+            export(cfg, str(checkpoint), "merged,adapter", out, overwrite=True)
+    assert tree(project_copy) == kept  # nothing deleted, no temporary folder left
+
+    mine = project_copy / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not an export"):
+        export(cfg, str(checkpoint), "adapter", "notes", overwrite=True)
+    (mine / "export.json").write_text('{"checkpoint": "x", "formats": {}}')  # a manifest, but other files beside it
+    with pytest.raises(UserError, match="is not an export"):
+        export(cfg, str(checkpoint), "adapter", "notes", overwrite=True)
+    repo = project_copy / "other-repo"
+    (repo / ".git").mkdir(parents=True)
+    with pytest.raises(UserError, match="is a git repository"):
+        export(cfg, str(checkpoint), "adapter", str(repo), overwrite=True)
+    assert (mine / "todo.txt").read_text() == "keep me" and (repo / ".git").is_dir()
+
+    out = export(cfg, str(checkpoint), "adapter", "exports/a")  # an earlier export is replaced, as asked
+    export(cfg, str(checkpoint), "adapter", str(out), overwrite=True)
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_second_export_to_the_same_folder_stops_at_once(project_copy, no_converters):
+    import fcntl
+    import os
+
+    from promptbake.locks import lock_path
+
+    dest = project_copy / "exports" / "a"
+    lock = lock_path(dest)
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242\nexport.py --out exports/a\nexport\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another export holds the destination
+    try:
+        with pytest.raises(UserError, match="in use by process 4242"):
+            export(make_cfg(), "checkpoints/a/final", "adapter", "exports/a")
+    finally:
+        os.close(fd)
+    assert not dest.exists()
+
+
+def test_bad_destinations_and_damaged_adapters_get_one_line(project_copy, no_converters):
+    cfg = make_cfg()
+    checkpoint = project_copy / "checkpoints" / "a" / "final"
+    with pytest.raises(UserError, match="over 255 bytes; use a shorter name"):
+        export(cfg, str(checkpoint), "adapter", "x" * 300)
+    export(cfg, str(checkpoint), "adapter", "y" * 250)  # a legal long name: its lock and temp names stay legal
+    damaged = project_copy / "checkpoints" / "a" / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="adapter weights do not read"):
+        export(cfg, str(damaged), "adapter", "exports/d")
+    (damaged / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a PEFT adapter config"):
+        export(cfg, str(damaged), "adapter", "exports/d")
+    assert not (project_copy / "exports" / "d").exists()
+
+
+def test_the_card_says_which_weights_an_embedded_bake_fits(baked, tmp_path, no_converters):
+    info = ex.read_bake_config(baked["a"])
+    assert ex.embedded_note(info) == ""  # the tiny model is a local folder: nothing to say
+    info["config"]["model_name_or_path"] = "embedded"
+    assert "dequantised from the Q4_1 GGUF" in ex.embedded_note(info)
 
 
 def test_the_ollama_template_renders_like_the_chat_template(tokenizer):
@@ -195,6 +290,10 @@ def test_the_script_refuses_bad_input_in_one_line(baked, tmp_path):
     p = script("export.py", "--checkpoint", baked["a"], "--out", tmp_path / "out", "--formats", "adapter", "--overwrite",
                "--base_model_id", "org/tiny", cwd=tmp_path)
     assert "vllm: vllm serve org/tiny --enable-lora" in p.stdout and (tmp_path / "out" / "adapter").is_dir()
+    p = script("export.py", "--checkpoint", baked["a"], "--out", baked["a"].parent, "--overwrite", cwd=tmp_path,
+               check=False)  # the run folder itself: refused in one line, before any work
+    assert p.returncode == 1 and "is the run folder of the checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert (baked["a"] / "adapter_config.json").exists()
 
 
 def test_the_converters_are_unpacked_from_the_sdist_and_found(tmp_path, monkeypatch):
@@ -249,4 +348,4 @@ def test_a_model_family_llama_cpp_lacks_is_skipped_and_the_rest_written(baked, t
     monkeypatch.setattr(llamacpp, "run_converter", disk_full)  # any other failure stops the export
     with pytest.raises(UserError, match="No space left"):
         export(make_cfg(), str(baked["a"]), "merged,gguf", str(tmp_path / "h"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["e"]

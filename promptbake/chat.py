@@ -107,12 +107,13 @@ def model_context(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def check_fits(tokenizer, contexts: list[list[dict]], system: str | None, room: int, over: str, where: str) -> None:
+def check_fits(tokenizer, contexts: list[list[dict]], system: str | None, room: int, over: str, where: str,
+               fix: str = "shorten it") -> None:
     """Refuses, before anything is sampled, a query whose prompt (rendered with `system`) is over `room` tokens:
     a 100k-character query would otherwise be sampled for minutes before a later step refuses it."""
     for i, context in enumerate(contexts, 1):
         n = len(render_prompt_ids(tokenizer, context, system))
         if n > room:
-            text = context[-1]["content"] if context else ""
-            raise UserError(f"{where}: query {i} ({text[:30]!r}{'...' if len(text) > 30 else ''}) is {n} tokens as "
-                            f"the model reads it, over {over}; shorten it")
+            text = str(context[-1].get("content", "")) if context else ""
+            preview = text[:30] + ("..." if len(text) > 30 else "")
+            raise UserError(f"{where}: query {i} ({preview!r}) is {n} tokens as the model reads it, over {over}; {fix}")

@@ -129,5 +129,5 @@ def check_conversation(model, tokenizer, history: list[dict], system: str | None
     context = model_context(model)
     if context:
         check_fits(tokenizer, [history], system, context - cfg.max_new_tokens,
-                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens} (/reset "
-                   f"clears the history)", "this conversation")
+                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens}",
+                   "this conversation", "shorten it, or /reset to clear the history")

@@ -85,7 +85,7 @@ def check_query_lengths(model, tokenizer, cfg, target: dict, contexts, where: st
     """Every query fits, checked before anything is sampled: the student's prompt within max_seq_len (as the rows
     built from the answers must), the teacher's plus the sampled answer within the model's context."""
     check_fits(tokenizer, contexts, target.get("student_prompt") or None, cfg.max_seq_len - 1,
-               f"max_seq_len={cfg.max_seq_len}; or raise --max_seq_len", where)
+               f"max_seq_len={cfg.max_seq_len}", where, "shorten it or raise --max_seq_len")
     context = model_context(model)
     if context:
         check_fits(tokenizer, contexts, target.get("teacher_prompt") or target["system_prompt"],

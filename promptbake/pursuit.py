@@ -19,7 +19,7 @@ from .data import Row, load_prompts, read_prompt
 from .errors import UserError
 from .evaluate import eval_contexts, sample, texts_of
 from .generate import generate
-from .io import read_json, sha256_text, write_json
+from .io import read_json, reading, sha256_text, write_json
 from .lineage import BAKE_CONFIG, stored_path
 from .metrics import kl_and_agreement, marker_rate
 from .report import try_write_report
@@ -149,7 +149,8 @@ def pursue(cfg, iterations: int, queries: str | None = None, samples: int = 3, m
     group.mkdir(parents=True, exist_ok=True)
     state_path = group / "pursuit.json"
     state = read_json(state_path) if state_path.exists() else {"iterations": []}
-    done = {it["iteration"]: it for it in state["iterations"]}
+    with reading(state_path):
+        done = {int(it["iteration"]): it for it in state["iterations"]}
     ref, parent = None, cfg.init_from
     for i in range(1, iterations + 1):
         if not (Path(cfg.checkpoint_dir) / iteration_name(cfg, i) / "final" / BAKE_CONFIG).exists():

@@ -95,6 +95,10 @@ def test_an_explicit_base_model_other_than_the_parent_s_is_refused(baked, tiny_m
     with pytest.raises(UserError, match=rf"--init_from \S+ was baked on '{tiny_model_dir}', not 'embedded'; drop "
                                         r"--model_name_or_path"):
         train.bake(cfg)
+    (baked.parent / "x.yaml").write_text("model_name_or_path: embedded\n")  # a YAML file's choice is explicit too
+    from_yaml, _ = parse_args(["--config", str(baked.parent / "x.yaml"), "--init_from", str(baked)])
+    with pytest.raises(UserError, match="not 'embedded'; drop --model_name_or_path"):
+        with_parent_model(from_yaml)
     same, _ = parse_args(["--init_from", str(baked), "--model_name_or_path", tiny_model_dir])
     assert with_parent_model(same).model_name_or_path == tiny_model_dir
     unset, _ = parse_args(["--init_from", str(baked)])  # not given: the parent's base, as before
@@ -173,6 +177,16 @@ def test_ab_of_runs_that_share_a_folder_name_keeps_both(baked, workdir, tiny_mod
     assert (workdir / "checkpoints" / "ab-checkpoints_a_final-vs-other_a_final.json").exists()
 
 
+def test_ab_labels_are_distinct_whatever_the_paths(tmp_path):
+    from promptbake.evaluate import ab_file, checkpoint_labels
+
+    a, b = tmp_path / "checkpoints" / "a" / "final", tmp_path / "checkpoints" / "b" / "final"
+    assert checkpoint_labels([a, b]) == ["a/final", "b/final"]
+    assert checkpoint_labels([a, tmp_path / "other" / "a" / "final"]) == ["checkpoints/a/final", "other/a/final"]
+    assert checkpoint_labels([a, a]) == [f"{str(a).lstrip('/')} #1", f"{str(a).lstrip('/')} #2"]
+    assert len(ab_file("checkpoints", [f"{c * 64}/final" for c in "wxyz"]).name) <= 160
+
+
 def test_ab_checks_every_checkpoint_before_evaluating_any(baked, monkeypatch):
     ev = importlib.import_module("promptbake.evaluate")  # the package exports the function under that name
 
@@ -225,6 +239,17 @@ def test_demo_refuses_a_long_question_before_answering(baked, monkeypatch, capsy
     line = run_script("demo.py", "--checkpoint", baked, "--compare", "Hi", LONG, monkeypatch=monkeypatch, capsys=capsys)
     assert "the command line: query 2 ('Tell me about the sea. Tell me...') is" in line
     assert "over the model's context of 2048 tokens less --max_new_tokens 64; shorten it" in line
+
+
+def test_an_interactive_turn_too_long_is_one_line_and_the_chat_goes_on(baked, monkeypatch, capsys):
+    demo = importlib.import_module("promptbake.demo")
+
+    model, tokenizer, info, _ = demo.load_for_demo(make_cfg(), str(baked), 1.0)
+    lines = iter([LONG, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(demo, "stream_answer", lambda *a, **k: pytest.fail("answered a turn over the context"))
+    demo.chat(model, tokenizer, info, [], make_cfg(), 0.0)
+    assert "error: this conversation: query 1 ('Tell me about the sea. Tell me...') is" in capsys.readouterr().out
 
 
 def test_generate_refuses_a_prompt_over_the_model_s_context_whatever_max_prompt_tokens(workdir, tiny_model_dir):
@@ -334,6 +359,15 @@ def test_history_lists_the_others_and_flags_a_damaged_run(tmp_path, capsys, dama
     assert "DAMAGED: " in line and file in line
     with pytest.raises(UserError, match=file.replace("(", r"\(").replace(")", r"\)")):
         write_report(run)
+
+
+def test_a_damaged_pursuit_json_is_one_line(workdir, tiny_model_dir):
+    from promptbake import pursuit
+
+    (workdir / "checkpoints" / "p-pursuit").mkdir()
+    (workdir / "checkpoints" / "p-pursuit" / "pursuit.json").write_text('{"iterations": [{"iter": 1}]}')
+    with pytest.raises(UserError, match=r"p-pursuit/pursuit.json: not as promptbake writes it \(KeyError"):
+        pursuit.pursue(pursuit_cfg(tiny_model_dir), 1, samples=1)
 
 
 def test_a_hand_edited_lineage_is_one_line_in_demo(baked, monkeypatch, capsys):

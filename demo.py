@@ -12,7 +12,7 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import STRENGTH, parse_args
-from promptbake.demo import chat, compare, load_for_demo
+from promptbake.demo import chat, check_questions, compare, load_for_demo
 
 
 def main():
@@ -27,6 +27,8 @@ def main():
     cfg, args = parse_args(parser=parser)
     model, tokenizer, info, path = load_for_demo(cfg, args.checkpoint, args.strength, args.temperature)
     target = info["target"] if args.target is None else args.target
+    check_questions(model, tokenizer, info, args.question or ["Who are you?"], cfg, target,
+                    with_prompt=args.compare or args.with_prompt)
     if args.compare:
         for q in args.question or ["Who are you?"]:
             compare(model, tokenizer, info, q, cfg, args.temperature, target)

@@ -9,10 +9,11 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 from . import model as models
+from .config import given_settings
 from .data import read_prompt
 from .errors import UserError
 from .io import read_json, sha256_text
-from .lineage import BAKE_CONFIG, lineage_id, lineage_of, lineage_prompts, merge_chain
+from .lineage import BAKE_CONFIG, check_info, lineage_id, lineage_of, lineage_prompts, merge_chain
 
 
 def latest_checkpoint(checkpoint_dir: str, name: str | None = None) -> Path:
@@ -32,7 +33,7 @@ def read_bake_config(path: str | Path) -> dict:
     if not (path / "adapter_config.json").exists() or not (path / BAKE_CONFIG).exists():
         raise UserError(f"{path}: not a baked adapter (it needs adapter_config.json and {BAKE_CONFIG}); "
                         f"pass a checkpoints/<run>/final or step-N folder")
-    return read_json(path / BAKE_CONFIG)
+    return check_info(read_json(path / BAKE_CONFIG), path / BAKE_CONFIG)
 
 
 def set_strength(model, strength: float) -> None:
@@ -54,8 +55,8 @@ def load_baked(path: str | Path, model_name_or_path: str | None = None, device: 
     if model_name_or_path and model_name_or_path != baked_on:
         raise UserError(f"{path} was baked on {baked_on!r}, not {model_name_or_path!r}; load it with "
                         f"--model_name_or_path {baked_on}")
-    base_path = models.resolve_model_path(baked_on, model_cache_dir or info["config"].get("model_cache_dir", ""))
     device = models.pick_device(device)
+    base_path = models.resolve_model_path(baked_on, model_cache_dir or info["config"].get("model_cache_dir", ""))
     tokenizer = models.load_tokenizer(base_path, info["config"].get("trust_remote_code", False))
     base = models.load_model(base_path, device, info["config"].get("trust_remote_code", False))
     want = info.get("base_config_sha256")
@@ -81,11 +82,27 @@ def with_parent_model(cfg):
     info = read_bake_config(cfg.init_from)
     baked_on = info["config"]["model_name_or_path"]
     default = next(f.default for f in dataclasses.fields(cfg) if f.name == "model_name_or_path")
-    if cfg.model_name_or_path not in (baked_on, default):
+    chosen = cfg.model_name_or_path != default or "model_name_or_path" in given_settings(cfg)
+    if chosen and cfg.model_name_or_path != baked_on:  # an explicit `embedded` too: never silently replaced
         raise UserError(f"--init_from {cfg.init_from} was baked on {baked_on!r}, not {cfg.model_name_or_path!r}; "
                         f"drop --model_name_or_path, or set it to {baked_on}")
     return dataclasses.replace(cfg, model_name_or_path=baked_on,
                                trust_remote_code=info["config"].get("trust_remote_code", cfg.trust_remote_code))
+
+
+def check_parent_outside_run(cfg) -> None:
+    """A fresh bake moves checkpoints/<name> aside: a parent (or an ancestor of it) inside that folder would be moved
+    from under the new checkpoint, which would then name itself as its own parent. Refused before any work."""
+    if not cfg.init_from:
+        return
+    run = (Path(cfg.checkpoint_dir) / cfg.name).resolve()
+    lineage = read_bake_config(cfg.init_from).get("lineage", [])
+    for ckpt in [cfg.init_from, *(a["checkpoint"] for a in lineage)]:
+        where = Path(ckpt).resolve()
+        if where == run or run in where.parents:
+            whose = "" if ckpt == cfg.init_from else f", an ancestor of {cfg.init_from},"
+            raise UserError(f"--init_from: {ckpt}{whose} lies in {Path(cfg.checkpoint_dir) / cfg.name}, the run this "
+                            f"bake writes (and moves aside first); pick another --name")
 
 
 def teacher_system(cfg, prompt_file: str) -> str:

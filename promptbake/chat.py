@@ -99,3 +99,21 @@ def response_ids_from_text(tokenizer, text: str, complete: bool = True) -> list[
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [end_of_turn_id(tokenizer)] if complete else ids
 
+
+
+def model_context(model) -> int | None:
+    """The most tokens the model reads at once (max_position_embeddings), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits(tokenizer, contexts: list[list[dict]], system: str | None, room: int, over: str, where: str,
+               fix: str = "shorten it") -> None:
+    """Refuses, before anything is sampled, a query whose prompt (rendered with `system`) is over `room` tokens:
+    a 100k-character query would otherwise be sampled for minutes before a later step refuses it."""
+    for i, context in enumerate(contexts, 1):
+        n = len(render_prompt_ids(tokenizer, context, system))
+        if n > room:
+            text = str(context[-1].get("content", "")) if context else ""
+            preview = text[:30] + ("..." if len(text) > 30 else "")
+            raise UserError(f"{where}: query {i} ({preview!r}) is {n} tokens as the model reads it, over {over}; {fix}")

@@ -354,9 +354,11 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     if unknown:
         flag = unknown[0].lstrip("-").split("=")[0]
         raise _unknown(flag, "command line")
-    cfg = from_dict(load_yaml(args.config), args.config) if args.config else Config()
-    cli = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(Config)}
-    cfg = from_dict({k: v for k, v in cli.items() if v is not None}, "command line", base=cfg)
+    from_file = load_yaml(args.config) if args.config else {}
+    cfg = from_dict(from_file, args.config) if args.config else Config()
+    cli = {name: getattr(args, f"cfg_{name}") for name in FIELDS if getattr(args, f"cfg_{name}") is not None}
+    cfg = from_dict(cli, "command line", base=cfg)
+    cfg._given = frozenset([*from_file, *cli])  # given_settings(): `--model_name_or_path embedded` is a choice too
     dotenv = load_env()
     sources = apply_env_defaults(cfg)
     validate(cfg, "environment")
@@ -367,6 +369,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         print(f"{name}: {redact_url(getattr(cfg, name)) if name == 'api_base_url' else getattr(cfg, name)} "
               f"<- {source}")
     return cfg, args
+
+
+def given_settings(cfg: Config) -> frozenset[str]:
+    """The settings a user set (YAML file or command line) for this Config, as parse_args recorded them; a Config
+    built in code, or copied with dataclasses.replace, has none recorded."""
+    return getattr(cfg, "_given", frozenset())
 
 
 def to_dict(cfg: Config) -> dict:

@@ -8,7 +8,7 @@ import torch
 from transformers import TextStreamer
 
 from .baked import latest_checkpoint, load_baked
-from .chat import render_prompt_ids, stop_ids
+from .chat import check_fits, model_context, render_prompt_ids, stop_ids
 from .config import STRENGTH, TEMPERATURE, check_range
 from .errors import UserError
 
@@ -30,6 +30,17 @@ def target_info(info: dict, name: str) -> dict:
     if not found:
         raise UserError(f"--target {name!r}: this checkpoint has targets {[t['name'] for t in info['targets']]}")
     return found[0]
+
+def check_questions(model, tokenizer, info: dict, questions: list[str], cfg, target: str, with_prompt: bool = True,
+                    where: str = "the command line") -> None:
+    """Every question, with the prompt it will be sent with (the longest of the ways demo sends it) and the answer's
+    --max_new_tokens, within the model's context: checked before anything is generated."""
+    context = model_context(model)
+    if context:
+        contexts = [[{"role": "user", "content": q}] for q in questions]
+        check_fits(tokenizer, contexts, _baked_system(info, with_prompt, target), context - cfg.max_new_tokens,
+                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens}", where)
+
 
 @torch.inference_mode()
 def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cfg, temperature: float,
@@ -104,5 +115,19 @@ def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, 
         if not line:
             continue
         history.append({"role": "user", "content": line})
+        try:
+            check_conversation(model, tokenizer, history, system, cfg)
+        except UserError as e:  # one line, and the chat goes on without that turn
+            history.pop()
+            print(f"error: {e}")
+            continue
         print("bot> ", end="", flush=True)
         history.append({"role": "assistant", "content": stream_answer(model, tokenizer, history, system, cfg, temperature)})
+
+
+def check_conversation(model, tokenizer, history: list[dict], system: str | None, cfg) -> None:
+    context = model_context(model)
+    if context:
+        check_fits(tokenizer, [history], system, context - cfg.max_new_tokens,
+                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens}",
+                   "this conversation", "shorten it, or /reset to clear the history")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from . import model as models
 from .api_client import ChatClient
-from .baked import latest_checkpoint, load_baked, set_strength
-from .chat import render_prompt_ids
+from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
+from .chat import check_fits, model_context, render_prompt_ids
 from .config import to_dict
 from .data import Row, load_prompts
 from .errors import UserError
 from .generate import decode_response, derive_seed, generate_ids
-from .io import read_jsonl, write_json
-from .lineage import lineage_prompts
+from .io import read_jsonl, sha256_bytes, sha256_file, write_json
+from .lineage import ADAPTER_FILE, lineage_prompts
 from .metrics import kl_and_agreement, marker_rate
 from .report import try_write_report
 from .retention import retention
@@ -79,6 +79,30 @@ def eval_contexts(path: Path, queries: str | None, target: str) -> tuple[list[li
     if not contexts:
         raise UserError(f"{held}: no held-out queries for target {target!r} (eval_fraction was 0?); pass --queries FILE")
     return contexts, str(held)
+
+
+def check_query_lengths(model, tokenizer, cfg, target: dict, contexts, where: str) -> None:
+    """Every query fits, checked before anything is sampled: the student's prompt within max_seq_len (as the rows
+    built from the answers must), the teacher's plus the sampled answer within the model's context."""
+    check_fits(tokenizer, contexts, target.get("student_prompt") or None, cfg.max_seq_len - 1,
+               f"max_seq_len={cfg.max_seq_len}", where, "shorten it or raise --max_seq_len")
+    context = model_context(model)
+    if context:
+        check_fits(tokenizer, contexts, target.get("teacher_prompt") or target["system_prompt"],
+                   context - cfg.eval_max_new_tokens, f"the model's context of {context} tokens less "
+                   f"--eval_max_new_tokens {cfg.eval_max_new_tokens} with the prompt", where)
+
+
+def adapter_sha256(path: Path) -> str | None:
+    return sha256_file(path / ADAPTER_FILE) if (path / ADAPTER_FILE).is_file() else None
+
+
+def check_adapter_unchanged(path: Path, evaluated: str | None) -> None:
+    """eval.json goes beside the adapter it measured: a run baked again meanwhile has another adapter there, and
+    the old model's numbers would be shown for the new bake."""
+    if adapter_sha256(path) != evaluated:
+        raise UserError(f"{path / ADAPTER_FILE} changed while it was evaluated (the run was baked again?); no "
+                        f"evaluation was written: rerun evaluate.py on the new checkpoint")
 
 
 def pick_targets(info: dict, name: str | None) -> list[dict]:
@@ -208,12 +232,14 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     if queries and not Path(queries).is_file():
         raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
     path = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.checkpoint_dir, cfg.name)
+    evaluated = adapter_sha256(path)  # before the load: what is loaded is this or newer, never older
     model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
     print(f"evaluating {path}")
     t0 = time.time()
     per_target = {}
     for t in pick_targets(info, target):
         contexts, where = eval_contexts(path, queries, t["name"])
+        check_query_lengths(model, tokenizer, cfg, t, contexts, where)
         result, examples, rate = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
         result["start_model"] = "parent" if info.get("lineage") else "base"
         points = sweep_points(path, strengths or [], steps)
@@ -235,14 +261,31 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     result.update({"checkpoint": str(path), "seconds": round(time.time() - t0, 1), "config": to_dict(cfg)})
     log_wandb(cfg, path, result)
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
+    check_adapter_unchanged(path, evaluated)
     write_json(out, result)
     print(f"wrote {out}")
     try_write_report(path)  # report.html shows eval.json, else the newest eval_<queries>.json (report.eval_file)
     return result
 
 
-def checkpoint_label(path: Path) -> str:
-    return f"{path.parent.name}/{path.name}"
+def checkpoint_labels(paths: list[Path]) -> list[str]:
+    """Distinct column labels: <run>/<checkpoint>, with more of the path where two runs share a folder name
+    (checkpoints/a/final beside other/a/final), and a number for a folder given twice."""
+    parts = [p.resolve().parts for p in paths]
+    for depth in range(2, max(map(len, parts)) + 1):
+        labels = ["/".join(ps[-depth:]).removeprefix("//") for ps in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label} #{i}" for i, label in enumerate(labels, 1)]
+
+
+def ab_file(checkpoint_dir: str, labels: list[str]) -> Path:
+    """checkpoints/ab-<A>-vs-<B>.json; a name too long for the filesystem (four 64-character runs) keeps its start
+    and a hash of the whole (the file lists every checkpoint)."""
+    name = "ab-" + "-vs-".join(label.replace("/", "_") for label in labels)
+    if len(name.encode()) > 200:
+        name = name[:120] + "-" + sha256_bytes(name.encode())[:16]
+    return Path(checkpoint_dir) / f"{name}.json"
 
 
 def compare_checkpoints(cfg, checkpoints: list[str], queries: str | None = None, samples: int = 3,
@@ -251,20 +294,21 @@ def compare_checkpoints(cfg, checkpoints: list[str], queries: str | None = None,
     same seeds; one table side by side, written to checkpoints/ab-<A>-vs-<B>.json."""
     if queries and not Path(queries).is_file():
         raise UserError(f"{queries}: queries file not found; pass a .txt (one prompt a line) or .jsonl file")
+    paths = [Path(c) for c in checkpoints]
+    for path in paths:  # every checkpoint first: a bad last one must not cost the evaluation of the others
+        pick_targets(read_bake_config(path), target)
     results, contexts, where = {}, None, None
-    for ckpt in checkpoints:
-        path = Path(ckpt)
+    for path, label in zip(paths, checkpoint_labels(paths)):
         model, tokenizer, info = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
         t = pick_targets(info, target)[0]
         if contexts is None:
             contexts, where = eval_contexts(path, queries, t["name"])
+        check_query_lengths(model, tokenizer, cfg, t, contexts, where)
         result, _, _ = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
-        results[checkpoint_label(path)] = {**result, "checkpoint": str(path), "lineage": [a["name"] for a in
-                                                                                         info.get("lineage", [])]}
+        results[label] = {**result, "checkpoint": str(path), "lineage": [a["name"] for a in info.get("lineage", [])]}
         del model
     print_ab(results)
-    labels = [label.replace("/", "_") for label in results]
-    out = Path(cfg.checkpoint_dir) / f"ab-{'-vs-'.join(labels)}.json"
+    out = ab_file(cfg.checkpoint_dir, list(results))
     write_json(out, {"queries": where, "seed": cfg.seed, "samples_per_query": samples, "checkpoints": results})
     print(f"wrote {out}")
     return results

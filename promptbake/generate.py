@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .api_client import ChatClient, redact_url
 from .baked import load_start, teacher_system, with_parent_model
-from .chat import render_prompt_ids, stop_ids
+from .chat import model_context, render_prompt_ids, stop_ids
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, row_key
 from .errors import UserError
@@ -195,12 +195,16 @@ def _settings(cfg, system: str, backend: str, model_id: str, rows: list[Row]) ->
             "queries_sha256": sha256_text(orjson.dumps([r.context for r in rows]).decode())}
 
 
-def check_prompt_length(cfg, system: str, tokenizer) -> None:
-    """A system prompt too long to bake is refused before any row is generated."""
+def check_prompt_length(cfg, system: str, tokenizer, context: int | None = None) -> None:
+    """A system prompt too long to bake is refused before any row is generated: over --max_prompt_tokens, or with
+    the answer's --max_new_tokens over the local model's context (a raised --max_prompt_tokens does not lift that)."""
     n = len(tokenizer(system, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(system) // 4
     if n > cfg.max_prompt_tokens:
         raise UserError(f"{cfg.prompt_file}: the system prompt is {'' if tokenizer else 'about '}{n} tokens, over "
                         f"max_prompt_tokens={cfg.max_prompt_tokens}; shorten it or raise --max_prompt_tokens")
+    if context and n + cfg.max_new_tokens > context:
+        raise UserError(f"{cfg.prompt_file}: the system prompt is {n} tokens; with --max_new_tokens "
+                        f"{cfg.max_new_tokens} that is over the model's context of {context} tokens; shorten it")
 
 
 @dataclass
@@ -212,6 +216,7 @@ class Backend:
     ask_many: object
     client: ChatClient | None = None
     tokenizer: object = None  # the local tokenizer, to count the prompt's tokens exactly
+    context: int | None = None  # the local model's context (max_position_embeddings)
     close: object = lambda: None
 
 
@@ -256,7 +261,7 @@ def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = Non
 
     return Backend("local", model_id, lambda jobs, emit, parts=None: _run_local(model, tokenizer, jobs, system, cfg,
                                                                                 emit, parts),
-                   ask_many, tokenizer=tokenizer)
+                   ask_many, tokenizer=tokenizer, context=model_context(model))
 
 
 def _source_rows(cfg, system: str, ask_many) -> list[Row]:
@@ -348,7 +353,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Pa
         name = pick_backend(cfg)
         backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer, model_id)
         stack.callback(backend.close)
-        check_prompt_length(cfg, system, backend.tokenizer)
+        check_prompt_length(cfg, system, backend.tokenizer, backend.context)
         print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api" else
                                     f" ({cfg.init_from or 'the base model'}, with the prompt)"))
         rows = _source_rows(cfg, system, backend.ask_many)

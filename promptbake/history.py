@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .io import read_json, read_jsonl
-from .lineage import BAKE_CONFIG
+from .errors import UserError
+from .io import read_json, read_jsonl, reading
+from .lineage import BAKE_CONFIG, check_info
 
 
 def kl_cut(run: Path) -> float | None:
@@ -14,9 +15,10 @@ def kl_cut(run: Path) -> float | None:
     if not (run / "metrics.jsonl").exists():
         return None
     rows = [r for _, r in read_jsonl(run / "metrics.jsonl")]
-    before = next((r["eval/kl_full_before"] for r in rows if "eval/kl_full_before" in r), None)
-    after = next((r["eval/kl_full"] for r in reversed(rows) if "eval/kl_full" in r), None)
-    return 1 - after / before if before and after is not None else None
+    with reading(run / "metrics.jsonl"):
+        before = next((r["eval/kl_full_before"] for r in rows if "eval/kl_full_before" in r), None)
+        after = next((r["eval/kl_full"] for r in reversed(rows) if "eval/kl_full" in r), None)
+        return 1 - after / before if before and after is not None else None
 
 
 def adherence(final: Path) -> tuple[float | None, float | None]:
@@ -26,28 +28,39 @@ def adherence(final: Path) -> tuple[float | None, float | None]:
     if not evals:
         return None, None
     result = read_json(evals[-1])
-    result = next(iter(result["targets"].values())) if "targets" in result else result
-    rates = result.get("adherence", {})
-    return (rates.get("baked", {}).get("marker_rate"), rates.get("prompted", {}).get("marker_rate"))
+    with reading(evals[-1]):
+        result = next(iter(result["targets"].values())) if "targets" in result else result
+        rates = result.get("adherence", {})
+        return (rates.get("baked", {}).get("marker_rate"), rates.get("prompted", {}).get("marker_rate"))
+
+
+def entry(final: Path) -> dict:
+    """What history shows of one run; a UserError naming the file when one of its files is damaged."""
+    info = check_info(read_json(final / BAKE_CONFIG), final / BAKE_CONFIG)
+    baked, prompted = adherence(final)
+    lineage = info.get("lineage", [])
+    with reading(final / BAKE_CONFIG):
+        return {"name": final.parent.name, "checkpoint": str(final),
+                "parent": lineage[-1]["name"] if lineage else None,
+                "chain": [a["name"] for a in lineage],
+                "prompts": [t["system_prompt"].strip().splitlines()[0][:60] if t["system_prompt"].strip() else ""
+                            for t in info["targets"]],
+                "rows": sum(int(t.get("train_rows", 0)) + int(t.get("held_out_rows", 0)) for t in info["targets"]),
+                "kl_cut": kl_cut(final.parent), "adherence": baked, "adherence_prompted": prompted}
 
 
 def history(checkpoint_dir: str) -> list[dict]:
-    """One entry per run folder that has a final/ checkpoint, newest first."""
+    """One entry per run folder that has a final/ checkpoint, newest first. A run with a damaged file is listed
+    with what is wrong (`damaged`) instead of its numbers: it never hides the others."""
     out = []
     for final in Path(checkpoint_dir).glob("*/final"):
         if not (final / BAKE_CONFIG).exists():
             continue
-        info = read_json(final / BAKE_CONFIG)
-        baked, prompted = adherence(final)
-        lineage = info.get("lineage", [])
-        out.append({"name": final.parent.name, "checkpoint": str(final),
-                    "parent": lineage[-1]["name"] if lineage else None,
-                    "chain": [a["name"] for a in lineage],
-                    "prompts": [(t.get("system_prompt") or "").strip().splitlines()[0][:60] if t.get("system_prompt")
-                                else "" for t in info["targets"]],
-                    "rows": sum(t.get("train_rows", 0) + t.get("held_out_rows", 0) for t in info["targets"]),
-                    "kl_cut": kl_cut(final.parent), "adherence": baked, "adherence_prompted": prompted,
-                    "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(final.stat().st_mtime)),
+        try:
+            found = entry(final)
+        except UserError as e:
+            found = {"name": final.parent.name, "checkpoint": str(final), "damaged": str(e)}
+        out.append({**found, "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(final.stat().st_mtime)),
                     "mtime": final.stat().st_mtime})
     return sorted(out, key=lambda e: -e["mtime"])
 
@@ -62,6 +75,9 @@ def print_history(entries: list[dict]) -> None:
         return
     print(f"{'name':24} {'parent':18} {'rows':>5} {'KL cut':>7} {'adherence':>14}  {'date':16}  prompt")
     for e in entries:
+        if "damaged" in e:
+            print(f"{e['name'][:24]:24} DAMAGED: {e['damaged']}")
+            continue
         adh = "-" if e["adherence"] is None else f"{_pct(e['adherence'])} ({_pct(e['adherence_prompted'])})"
         print(f"{e['name'][:24]:24} {(e['parent'] or '-')[:18]:18} {e['rows']:>5} {_pct(e['kl_cut']):>7} {adh:>14}  "
               f"{e['date']:16}  {' | '.join(e['prompts'])}")

@@ -297,3 +297,17 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode())
+
+
+SHAPE_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError)  # what a JSON file of another shape raises
+
+
+@contextmanager
+def reading(path: str | Path):
+    """`with reading(path):` use what was read from `path`; a file of another shape than promptbake writes (a hand
+    edit, a damaged file) is one line naming it, not a traceback."""
+    try:
+        yield
+    except SHAPE_ERRORS as e:
+        raise UserError(f"{path}: not as promptbake writes it ({type(e).__name__}: {str(e)[:80]}); restore it, or "
+                        f"delete it and rerun the step that wrote it") from None

@@ -46,6 +46,51 @@ def lineage_of(checkpoint: Path, info: dict) -> list[dict]:
     return [*info.get("lineage", []), ancestor_entry(checkpoint, info)]
 
 
+def _shape_error(info) -> str | None:
+    """What in a bake_config.json is not as bake.py writes it (a hand edit), or None: every reader relies on these."""
+    if not isinstance(info, dict):
+        return "the file is not a JSON object"
+    if not isinstance(info.get("config"), dict) or not isinstance(info["config"].get("model_name_or_path"), str):
+        return "`config.model_name_or_path` is missing"
+    targets = info.get("targets")
+    if not isinstance(targets, list) or not targets or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("system_prompt"), str)
+            for t in targets):
+        return "`targets` is not a list of {name, system_prompt, ...}"
+    lineage = info.get("lineage", [])
+    if not isinstance(lineage, list):
+        return "`lineage` is not a list"
+    for i, a in enumerate(lineage, 1):
+        if not (isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("checkpoint", "name", "adapter_sha256"))
+                and isinstance(a.get("targets"), list) and all(isinstance(t, dict) for t in a["targets"])):
+            return f"`lineage` entry {i} is not {{checkpoint, name, adapter_sha256, targets}}"
+    return None
+
+
+def check_info(info, path: Path) -> dict:
+    """Returns a bake_config.json's contents (read from `path`) if every reader can use them; else one line."""
+    problem = _shape_error(info)
+    if problem:
+        raise UserError(f"{path}: not as bake.py writes it ({problem}); restore the file, or bake that run again")
+    return info
+
+
+def check_each_once(lineage: list[dict], where: Path | str, own_adapter: Path | None = None) -> None:
+    """A chain merges each ancestor once: a lineage that lists one twice (or the checkpoint itself, whose own
+    adapter goes on top) would apply that adapter twice."""
+    seen: dict[str, int] = {}
+    if own_adapter is not None and own_adapter.exists():
+        seen[sha256_file(own_adapter)] = 0
+        seen[str(own_adapter.parent.resolve())] = 0
+    for i, entry in enumerate(lineage, 1):
+        for key in (entry["adapter_sha256"], str(Path(entry["checkpoint"]).resolve())):
+            if key in seen:
+                twice = "the checkpoint itself" if seen[key] == 0 else f"entry {seen[key]}'s adapter again"
+                raise UserError(f"{where}: lineage entry {i} ({entry['checkpoint']}) is {twice}; a chain applies "
+                                f"each ancestor once: restore the file, or bake again")
+            seen[key] = i
+
+
 def lineage_id(lineage: list[dict]) -> str:
     """A short fingerprint of a chain, for model identities (cache keys, data settings)."""
     return sha256_text("|".join(a["adapter_sha256"] for a in lineage))[:16] if lineage else ""
@@ -71,7 +116,7 @@ def check_ancestor(entry: dict, folder: Path, child: Path | None) -> None:
         who = f"{child} was baked on" if child else "the chain needs"
         raise UserError(f"{who} {folder}, whose adapter has changed since (its hash no longer matches); "
                         f"restore the original, or bake {child or 'this'} again on the new one")
-    info = read_json(folder / BAKE_CONFIG) if (folder / BAKE_CONFIG).exists() else {}
+    info = check_info(read_json(folder / BAKE_CONFIG), folder / BAKE_CONFIG) if (folder / BAKE_CONFIG).exists() else {}
     now = [t.get("system_prompt_sha256") for t in info.get("targets", [])]
     if now != [t.get("system_prompt_sha256") for t in entry["targets"]]:
         raise UserError(f"{folder}: its prompt is not the one recorded in the chain of {child}; restore it")
@@ -79,6 +124,10 @@ def check_ancestor(entry: dict, folder: Path, child: Path | None) -> None:
 
 def merge_chain(model, lineage: list[dict], child: Path | None = None):
     """Merges each ancestor's adapter into `model` in order; returns the plain merged model."""
+    if child is not None:
+        check_each_once(lineage, child / BAKE_CONFIG, child / ADAPTER_FILE)
+    elif lineage:  # a bake on a parent: the chain ends with the parent itself
+        check_each_once(lineage, Path(lineage[-1]["checkpoint"]) / BAKE_CONFIG)
     for entry in lineage:
         folder = find_ancestor(entry, child)
         check_ancestor(entry, folder, child)

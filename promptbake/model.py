@@ -80,6 +80,13 @@ def resolve_model_path(model_name_or_path: str, model_cache_dir: str = "") -> st
 
 
 def pick_device(device: str = "auto") -> str:
+    """The device to run on; a device this machine lacks is refused here, before any model is loaded."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available on this machine (or this torch has no CUDA); "
+                        "pass --device cpu, or --device auto to use a GPU where there is one")
+    if device == "mps" and not (torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS is not available on this machine; pass --device cpu, or "
+                        "--device auto to use a GPU where there is one")
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -127,8 +134,8 @@ def _load_error(path: str, e: Exception) -> UserError:
 
 def load(cfg):
     """Returns (model, tokenizer, resolved path, device) for a Config."""
+    device = pick_device(cfg.device)  # a device this machine lacks: refused before a conversion or a load
     path = resolve_model_path(cfg.model_name_or_path, cfg.model_cache_dir)
-    device = pick_device(cfg.device)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     model = load_model(path, device, cfg.trust_remote_code, place=not fsdp.will_shard(cfg))
     return model, tokenizer, path, device

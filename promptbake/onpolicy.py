@@ -27,6 +27,7 @@ from .forward import backbone_and_head, response_hidden, token_pieces
 from .generate import generate_ids
 from .loss import head_topk_divergence, teacher_topk
 from .precision import autocast, head_dtype
+from .schedule import warmup_then_decay
 
 
 @dataclass
@@ -143,9 +144,7 @@ def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=cfg.weight_decay)
-    warm = max(1, s.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # warmup, then linear decay to 0 at the last step
-        optimizer, lambda i: (i + 1) / warm if i < warm else max(0.0, (s.steps - i) / max(1, s.steps - warm)))
+    schedule = warmup_then_decay(optimizer, s.warmup_steps, s.steps)  # warmup, then linear decay to 0
     stream = QueryStream(targets, cfg.seed)
     timings = {"onpolicy_sample_s": 0.0, "onpolicy_teacher_s": 0.0, "onpolicy_train_s": 0.0}
     print(f"on-policy stage: {s.steps} steps x {s.batch_size} answers by the student (T={s.temperature}, "
@@ -162,6 +161,7 @@ def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0
         model.train()
         loss = train_on_rollouts(model, rollouts, t_ids, t_lp, pad_id, s, max_batch_tokens, bf16)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        lr = schedule.get_last_lr()[0]  # the rate this step trains with
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +169,7 @@ def onpolicy_stage(model, tokenizer, targets, cfg, log=None, first_step: int = 0
         for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
             timings[key] += dt
         n_tok = sum(r.n_response for r in rollouts)
-        row = {"onpolicy/divergence": loss, "onpolicy/grad_norm": grad_norm, "onpolicy/lr": schedule.get_last_lr()[0],
+        row = {"onpolicy/divergence": loss, "onpolicy/grad_norm": grad_norm, "onpolicy/lr": lr,
                "onpolicy/answer_tokens": n_tok / len(rollouts),
                "onpolicy/complete": sum(r.complete for r in rollouts) / len(rollouts)}
         if log is not None:

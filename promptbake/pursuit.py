@@ -14,16 +14,17 @@ import dataclasses
 from pathlib import Path
 
 from . import model as models
-from .baked import load_baked
-from .data import Row
+from .baked import check_parent_outside_run, load_baked, read_bake_config, with_parent_model
+from .data import Row, load_prompts, read_prompt
+from .errors import UserError
 from .evaluate import eval_contexts, sample, texts_of
 from .generate import generate
-from .io import read_json, write_json
-from .lineage import BAKE_CONFIG
+from .io import read_json, reading, sha256_text, write_json
+from .lineage import BAKE_CONFIG, stored_path
 from .metrics import kl_and_agreement, marker_rate
 from .report import try_write_report
 from .teacher import build_examples
-from .train import bake
+from .train import bake, target_specs
 
 
 def iteration_name(cfg, i: int) -> str:
@@ -113,15 +114,47 @@ def stopped_rising(its: list[dict], min_gain: float) -> bool:
     return its[-1]["adherence"] - its[-2]["adherence"] <= min_gain
 
 
+def check_inputs(cfg, iterations: int, queries: str | None) -> None:
+    """Every input, before iteration 1 is generated: the queries file, the parent, and the iterations an earlier
+    run finished, which are kept: they must have baked this prompt on this parent, or the new prompt would be
+    chained onto the old one's iterations in one pursuit."""
+    if queries:
+        if not Path(queries).is_file():
+            raise UserError(f"--queries {queries}: file not found; pass a .txt (one prompt a line) or .jsonl file")
+        load_prompts(queries)
+    if cfg.init_from:
+        with_parent_model(cfg)
+    for i in range(1, iterations + 1):
+        check_parent_outside_run(dataclasses.replace(cfg, name=iteration_name(cfg, i)))
+    prompts = [sha256_text(read_prompt(spec["prompt_file"])) for spec in target_specs(cfg)]
+    parent = stored_path(Path(cfg.init_from)) if cfg.init_from else "the base model"
+    for i in range(1, iterations + 1):
+        final = Path(cfg.checkpoint_dir) / iteration_name(cfg, i) / "final"
+        if not (final / BAKE_CONFIG).exists():
+            continue
+        info = read_bake_config(final)
+        fix = f"pass a new --name for this pursuit, or restore the earlier settings to resume checkpoints/{cfg.name}-pursuit"
+        if [t.get("system_prompt_sha256") for t in info["targets"]] != prompts:
+            raise UserError(f"{final} baked another prompt than {cfg.prompt_file} holds now; {fix}")
+        lineage = info.get("lineage", [])
+        baked_on = lineage[-1]["checkpoint"] if lineage else "the base model"
+        if i == 1 and baked_on != parent:
+            raise UserError(f"{final} was baked on {baked_on}, not on {parent} (--init_from); {fix}")
+
+
 def pursue(cfg, iterations: int, queries: str | None = None, samples: int = 3, min_gain: float = 0.0) -> dict:
     """Runs (or resumes) up to `iterations` iterations; stops early once adherence stops rising."""
+    check_inputs(cfg, iterations, queries)
     group = Path(cfg.checkpoint_dir) / f"{cfg.name}-pursuit"
     group.mkdir(parents=True, exist_ok=True)
     state_path = group / "pursuit.json"
     state = read_json(state_path) if state_path.exists() else {"iterations": []}
-    done = {it["iteration"]: it for it in state["iterations"]}
+    with reading(state_path):
+        done = {int(it["iteration"]): it for it in state["iterations"]}
     ref, parent = None, cfg.init_from
     for i in range(1, iterations + 1):
+        if not (Path(cfg.checkpoint_dir) / iteration_name(cfg, i) / "final" / BAKE_CONFIG).exists():
+            done.pop(i, None)  # baked now: an earlier measurement of that iteration is of another model
         final = bake_iteration(cfg, i, parent)
         if i not in done:
             if ref is None:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_write_bytes, read_json, read_jsonl
-from .lineage import BAKE_CONFIG
+from .io import atomic_write_bytes, read_json, read_jsonl, reading
+from .lineage import BAKE_CONFIG, check_info
 
 REPORT = "report.html"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -205,11 +205,41 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
                       if p.exists()), None)
     if info_path is None:
         raise UserError(f"{run_dir}: no {BAKE_CONFIG}; is this a run folder (checkpoints/<name>)?")
-    info = read_json(info_path)
+    info = check_info(read_json(info_path), info_path)
     rows = [r for _, r in read_jsonl(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
-    curves = curves_png(rows)
+    with reading(run_dir / "metrics.jsonl"):
+        curves, summary = curves_png(rows), bake_summary(rows)
     shown = eval_file(checkpoint)
     result = read_json(shown) if shown else None
+    with reading(shown):
+        evals, retention, lineage_adherence = eval_context(result, checkpoint)
+    pursuit = None
+    group = pursuit_folder(run_dir)
+    if group is not None:
+        state = read_json(group / "pursuit.json")
+        with reading(group / "pursuit.json"):
+            pursuit = {"folder": str(group), "plot": png_file_uri(group / "pursuit.png"),
+                       "reference": dict(state.get("reference", {})),
+                       "iterations": pick(state.get("iterations", []), ("iteration", "adherence", "adherence_reprompted",
+                                                                        "kl_to_prompted_base", "top1_agreement",
+                                                                        "checkpoint"))}
+    config = info.get("config", {})
+    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    with reading(run_dir / "timings.json"):
+        timings = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    targets = pick(info.get("targets", []), ("name", "weight", "system_prompt", "student_prompt", "train_rows",
+                                             "held_out_rows", "data", "marker_regex"))
+    return {"name": config.get("name") or run_dir.name, "run_dir": str(run_dir),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "generated": time.strftime("%Y-%m-%d %H:%M"), "base_model": info.get("base_model_path"),
+            "targets": targets, "lineage": lineage_rows(info), "config": config_rows(config),
+            "curves": png_uri(curves) if curves else None, "summary": summary,
+            "evals": evals, "eval_file": shown.name if shown else "eval.json", "retention": retention,
+            "lineage_adherence": lineage_adherence, "pursuit": pursuit, "timings": timings}
+
+
+def eval_context(result: dict | None, checkpoint: Path | None) -> tuple[list[dict], dict | None, list[dict]]:
+    """What the page shows of an evaluation: each target's table, answers and sweep; retention; lineage adherence."""
     evals = []
     for i, r in enumerate(eval_targets(result) if result else []):
         plot = png_file_uri(checkpoint / Path(r["plot"]).name) if r.get("plot") else None
@@ -220,29 +250,11 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
                       "examples": pick(r.get("examples", []), ("user", *(who for who, _ in MODELS))),
                       "sweep": pick(r.get("sweep", []), ("point", "strength", "kl", "top1_agreement", "marker_rate")),
                       "half_baking": plot, "first": i == 0})
-    pursuit = None
-    group = pursuit_folder(run_dir)
-    if group is not None:
-        state = read_json(group / "pursuit.json")
-        pursuit = {"folder": str(group), "plot": png_file_uri(group / "pursuit.png"),
-                   "reference": state.get("reference", {}),
-                   "iterations": pick(state.get("iterations", []), ("iteration", "adherence", "adherence_reprompted",
-                                                                    "kl_to_prompted_base", "top1_agreement", "checkpoint"))}
-    config = info.get("config", {})
-    timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
-    targets = pick(info.get("targets", []), ("name", "weight", "system_prompt", "student_prompt", "train_rows",
-                                             "held_out_rows", "data", "marker_regex"))
     retention = pick([result["retention"]], ("questions", "kl_base_to_baked"))[0] if result and result.get("retention") \
         else None
-    return {"name": config.get("name") or run_dir.name, "run_dir": str(run_dir),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "generated": time.strftime("%Y-%m-%d %H:%M"), "base_model": info.get("base_model_path"),
-            "targets": targets, "lineage": lineage_rows(info), "config": config_rows(config),
-            "curves": png_uri(curves) if curves else None, "summary": bake_summary(rows),
-            "evals": evals, "eval_file": shown.name if shown else "eval.json", "retention": retention,
-            "lineage_adherence": pick((result or {}).get("lineage", []), ("bake", "target", "prompt", "base",
-                                                                          "base_all_prompts", "baked")),
-            "pursuit": pursuit, "timings": {k: v for k, v in timings.items() if isinstance(v, (int, float))}}
+    lineage_adherence = pick((result or {}).get("lineage", []), ("bake", "target", "prompt", "base", "base_all_prompts",
+                                                                 "baked"))
+    return evals, retention, lineage_adherence
 
 
 # ---------------------------------------------------------------- rendering
@@ -272,7 +284,10 @@ def write_report(path: str | Path) -> Path:
     """Builds <run folder>/report.html for a run folder or a checkpoint in it; returns its path."""
     run_dir, checkpoint = run_and_checkpoint(path)
     out = run_dir / REPORT
-    atomic_write_bytes(out, render(load_context(run_dir, checkpoint)).encode("utf-8"))
+    context = load_context(run_dir, checkpoint)
+    with reading(f"{run_dir} (one of its JSON files)"):  # a value of another type than the page shows
+        page = render(context)
+    atomic_write_bytes(out, page.encode("utf-8"))
     return out
 
 

@@ -21,10 +21,9 @@ import orjson
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import get_linear_schedule_with_warmup
 
 from . import distributed, fsdp, precision
-from .baked import BAKE_CONFIG, load_start, model_config_sha256, teacher_system, with_parent_model
+from .baked import BAKE_CONFIG, check_parent_outside_run, load_start, model_config_sha256, teacher_system, with_parent_model
 from .chat import render_prompt_ids
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
@@ -40,6 +39,7 @@ from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
 from .report import try_write_report
+from .schedule import warmup_then_decay
 from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
@@ -379,7 +379,7 @@ def add_adapter(model, cfg):
 
 def build_optimizer(tr: Trainer) -> None:
     """Wraps the base model in a LoRA adapter (done already under FSDP) and sets up AdamW with linear warmup
-    and decay."""
+    and decay (promptbake/schedule.py)."""
     cfg = tr.cfg
     if not fsdp.on():
         tr.model = add_adapter(tr.model, cfg)
@@ -389,7 +389,7 @@ def build_optimizer(tr: Trainer) -> None:
     tr.steps_per_epoch = math.ceil(len(epoch_plan(tr.targets, cfg.batch_size, cfg.seed, 0)) / cfg.grad_accum)
     tr.total_steps = tr.steps_per_epoch * cfg.num_epochs
     warmup = max(1, int(cfg.warmup_ratio * tr.total_steps)) if cfg.warmup_ratio > 0 else 0
-    tr.schedule = get_linear_schedule_with_warmup(tr.optimizer, warmup, tr.total_steps)
+    tr.schedule = warmup_then_decay(tr.optimizer, warmup, tr.total_steps)  # step 1 already trains
 
 
 def restore(tr: Trainer, resume_from: Path) -> None:
@@ -431,11 +431,12 @@ def train_step(tr: Trainer, micro: list[tuple[int, list[int]]]) -> dict:
         raise UserError(f"the loss is {step_loss} at step {tr.step + 1}; stopped without saving it. The last good "
                         f"checkpoint is {tr.last_good or 'none (no step saved yet)'}; lower --learning_rate")
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.max_grad_norm).item()
+    lr = tr.schedule.get_last_lr()[0]  # the rate this step trains with (after it, the schedule's is the next step's)
     tr.optimizer.step()
     tr.schedule.step()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    return {"train/kl": step_loss, "train/lr": tr.schedule.get_last_lr()[0], "train/grad_norm": grad_norm,
+    return {"train/kl": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "train/tokens": total_tokens}
 
 
@@ -522,6 +523,7 @@ def bake(cfg) -> Path:
     calls it: they train together, rank 0 writes (see promptbake/distributed.py)."""
     t_start = time.time()
     cfg = with_parent_model(cfg)
+    check_parent_outside_run(cfg)
     fsdp.check(cfg)
     world = distributed.setup(pick_device(cfg.device), cfg.dist_timeout)
     torch.manual_seed(cfg.seed)

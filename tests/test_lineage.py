@@ -128,8 +128,9 @@ def test_a_chained_teacher_reads_the_chain_s_prompts_then_the_new_one(tmp_path):
     parent.mkdir(parents=True)
     (parent / "adapter_config.json").write_text("{}")
     (parent / "bake_config.json").write_text(json.dumps({
-        "config": {"name": "b"}, "targets": [{"name": "b", "system_prompt": "Love cats."}],
-        "lineage": [{"name": "a", "targets": [{"name": "a", "system_prompt": "Be a pirate."}]}]}))
+        "config": {"name": "b", "model_name_or_path": "embedded"}, "targets": [{"name": "b", "system_prompt": "Love cats."}],
+        "lineage": [{"name": "a", "checkpoint": "checkpoints/a/final", "adapter_sha256": "ab" * 32,
+                     "targets": [{"name": "a", "system_prompt": "Be a pirate."}]}]}))
     new, again = tmp_path / "new.md", tmp_path / "again.md"
     new.write_text("Answer in French.\n")
     again.write_text("Love cats.\n")

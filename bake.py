@@ -15,13 +15,14 @@ checkpoints/<name>/report.html. Settings: promptbake/config.py.
 from promptbake.cli import main_guard
 from promptbake.config import parse_args, to_dict
 from promptbake.distributed import quiet_unless_main
-from promptbake.train import bake
 
 
 def main():
     quiet_unless_main()  # under torchrun / accelerate launch, rank 0 alone prints
     cfg, _ = parse_args()
     print("config:", to_dict(cfg))
+    from promptbake.train import bake  # torch and transformers load after the settings pass: a bad one fails fast
+
     bake(cfg)
 
 

@@ -19,10 +19,23 @@ import warnings
 # peft calls a transformers method deprecated in v5; the warning is noise for users of this tool.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-from .baked import load_baked  # noqa: E402
-from .config import Config, apply_env_defaults  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .generate import generate  # noqa: E402
-from .train import bake  # noqa: E402
+# Imported on first use (PEP 562), not here: `import promptbake.config` must not pay for torch, transformers
+# and peft (seconds), so that a bad setting prints its one line at once.
+_EXPORTS = {"Config": "config", "apply_env_defaults": "config", "generate": "generate", "bake": "train",
+            "load_baked": "baked", "evaluate": "evaluate"}
 
 __all__ = ["Config", "apply_env_defaults", "generate", "bake", "load_baked", "evaluate"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'promptbake' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

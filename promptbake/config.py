@@ -20,8 +20,8 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from .api_client import redact_url
 from .errors import UserError
+from .redact import redact_url
 
 
 class ConfigError(UserError):

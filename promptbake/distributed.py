@@ -23,10 +23,10 @@ import signal
 import sys
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 from .errors import UserError
+
+# torch is imported inside the functions that use it: scripts import this module first thing (quiet_unless_main,
+# and cli.main_guard's rank on an error line), and a bad setting's one line must not wait seconds for torch.
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 RESUME_HINT = "rerun the same command with --resume to continue from the last step-N checkpoint"
@@ -91,6 +91,9 @@ def setup(device: str, timeout_s: float) -> World:
     w = world_from_env()
     if not w.enabled:
         return w
+    import torch
+    import torch.distributed as dist
+
     if device.startswith("cuda"):
         if w.local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK={w.local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
@@ -141,6 +144,8 @@ def shutdown() -> None:
     while _at_shutdown:
         _at_shutdown.pop()()
     _sharded_on = None
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = SINGLE
@@ -154,6 +159,8 @@ def lost_peer(e: Exception) -> UserError:
 
 
 def _collective(fn, *args):
+    import torch.distributed as dist
+
     try:
         return fn(*args)
     except (RuntimeError, dist.DistError) as e:
@@ -162,6 +169,8 @@ def _collective(fn, *args):
 
 def barrier() -> None:
     if _world.enabled:
+        import torch.distributed as dist
+
         _collective(dist.barrier)
 
 
@@ -169,6 +178,8 @@ def broadcast_object(obj):
     """Rank 0's value of `obj` on every rank."""
     if not _world.enabled:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     _collective(dist.broadcast_object_list, box, 0)
     return box[0]
@@ -178,6 +189,9 @@ def broadcast_params(params) -> None:
     """Rank 0's values of these parameters on every rank (the adapter starts identical everywhere)."""
     if not _world.enabled or _sharded():  # FSDP shards differ by rank: nothing to copy
         return
+    import torch
+    import torch.distributed as dist
+
     with torch.no_grad():
         for p in params:
             _collective(dist.broadcast, p.data, 0)
@@ -189,6 +203,9 @@ def all_reduce_grads(params, *scalars: float) -> list[float]:
     Under FSDP the gradients are already summed (FSDP reduce-scatters them in backward): only the scalars are."""
     if not _world.enabled:
         return list(scalars)
+    import torch
+    import torch.distributed as dist
+
     if _sharded():
         flat = torch.tensor(scalars, dtype=torch.float32, device=_sharded_on)
         _collective(dist.all_reduce, flat)

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .forward import cast_once
+
 _LOG_EPS = -1e-7  # log Σp ≤ this: keeps log(1 − Σp) finite when the top-K hold (almost) all the mass
 
 
@@ -105,9 +107,9 @@ def head_loss(hidden: torch.Tensor, head, teacher_ids: torch.Tensor, teacher_log
     the head's two matmuls run in it (bf16: precision.py); the logits are cast to fp32 before the softmax."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
         weight, bias = head.weight, head.bias
-        if matmul_dtype is not None and matmul_dtype != weight.dtype:  # a cast per call: nothing cached goes stale
-            hidden, weight = hidden.to(matmul_dtype), weight.to(matmul_dtype)
-            bias = bias.to(matmul_dtype) if bias is not None else None
+        if matmul_dtype is not None and matmul_dtype != weight.dtype:  # the frozen head cast once (remade if it changes)
+            hidden, weight = hidden.to(matmul_dtype), cast_once(weight, matmul_dtype)
+            bias = cast_once(bias, matmul_dtype) if bias is not None else None
         total = _HeadLoss.apply(hidden, weight, bias, teacher_ids.long(), teacher_logprobs, chunk, per_token,
                                 getattr(head, "softcap", None))
     else:

@@ -29,7 +29,7 @@ from .config import Config, to_dict
 from .data import load_rows, read_prompt
 from .distributed import SINGLE, World
 from .errors import UserError
-from .forward import backbone_and_head, response_hidden, token_pieces
+from .forward import backbone_and_head, frozen_linears_as, response_hidden, token_pieces
 from .freelogits import free_teacher
 from .generate import check_data_dir, decode_response, generate, generate_ids
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
@@ -206,7 +206,8 @@ def batch_loss(model, target: Target, rows: list[int], pad_id: int, bf16: bool =
     transformer and the head's matmuls run in bf16; the softmax and the loss stay fp32 (see precision.py)."""
     ex = [target.examples[r] for r in rows]
     head = backbone_and_head(model)[1]
-    with precision.autocast(bf16, head.weight.device):
+    frozen = precision.head_dtype(bf16) if not fsdp.on() else None  # FSDP's shards are not plain weights
+    with precision.autocast(bf16, head.weight.device), frozen_linears_as(model, frozen):
         hidden = response_hidden(model, [e.student_ids for e in ex], [e.n_response for e in ex], pad_id)
     hidden = hidden.float()
     t_ids = torch.cat([target.teacher.row(r)[1] for r in rows]).to(hidden.device)

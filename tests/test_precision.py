@@ -90,3 +90,42 @@ def test_a_bake_under_bf16_trains_fp32_weights_as_well_as_fp32(workdir, tiny_mod
     assert "student matmuls: bf16 autocast (--bf16 on)" in out and "student matmuls: model dtype (--bf16 off)" in out
     assert runs["on"][-1] < runs["on"][0]  # it learns
     assert abs(runs["on"][-1] - runs["off"][-1]) < 0.1 * runs["off"][-1], runs
+
+
+def test_frozen_weights_cast_once_give_autocasts_numbers(tiny_model_dir):
+    """Under bf16 the frozen base weights are bf16 copies made once (autocast would cast them at every use): the loss
+    and the LoRA gradient are bit for bit autocast's, the fp32 weights are back afterwards, and an in-place change of
+    a weight remakes its copy."""
+    from promptbake.forward import cast_once, frozen_linears_as
+
+    model = load_model(tiny_model_dir, "cpu")
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a LoRA that changes the output, so its gradient path is exercised
+    seqs, n_resp = [[5, 6, 7, 8, 9, 10], [5, 6, 11, 12]], [3, 2]
+    head = backbone_and_head(peft)[1]
+    t_ids, t_lp = teacher_topk(torch.randn(5, head.weight.shape[0], generator=torch.Generator().manual_seed(1)), 8)
+    fp32_weights = {n: p for n, p in peft.named_parameters() if p.dtype == torch.float32}
+
+    def step(cast):
+        peft.zero_grad()
+        context = frozen_linears_as(peft, torch.bfloat16 if cast else None)
+        with precision.autocast(True, "cpu"), context:
+            if cast:
+                base = peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+                assert base.weight.dtype == torch.bfloat16
+            hidden = response_hidden(peft, seqs, n_resp, 2).float()
+        loss = head_topk_kl_with_tail(hidden, head, t_ids, t_lp, matmul_dtype=torch.bfloat16)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in peft.parameters() if p.requires_grad]
+
+    (loss_a, grads_a), (loss_b, grads_b) = step(False), step(True)
+    assert loss_a == loss_b and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert {n: p for n, p in peft.named_parameters() if p.dtype == torch.float32} == fp32_weights  # all restored
+    w = torch.randn(3, 4)
+    first = cast_once(w, torch.bfloat16)
+    assert cast_once(w, torch.bfloat16) is first
+    w.mul_(2)
+    assert torch.equal(cast_once(w, torch.bfloat16), (w * 1).bfloat16())

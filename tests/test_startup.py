@@ -1,0 +1,46 @@
+"""Start-up: settings are checked before torch, transformers or httpx load, so a bad one fails in well under 1 s."""
+
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+HEAVY = ("torch", "transformers", "peft", "httpx")
+
+
+def loaded_after(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [m for m in HEAVY if m in out]
+
+
+def test_config_imports_nothing_heavy():
+    assert loaded_after("import promptbake.config, promptbake.cli, promptbake.distributed") == []
+
+
+def test_package_exports_resolve_on_first_use():
+    assert loaded_after("import promptbake; assert 'Config' in dir(promptbake)") == []
+    assert loaded_after("from promptbake import Config; Config()") == []
+    import promptbake
+    from promptbake.train import bake
+
+    assert promptbake.bake is bake
+
+
+def test_redaction_still_importable_from_api_client():
+    from promptbake import api_client, redact
+
+    assert api_client.redact is redact.redact and api_client.redact_url is redact.redact_url
+    assert redact.redact_url("https://u:pw@host/v1?key=sk-1") == "https://host/v1"
+
+
+def test_bad_setting_fails_before_torch_loads(tmp_path):
+    """bake.py with a bad setting: the one error line, and torch never imported (its import alone takes seconds)."""
+    probe = ("import runpy, sys\nsys.argv = ['bake.py', '--num_epochs', '0']\n"
+             f"try:\n    runpy.run_path({str(ROOT / 'bake.py')!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package, wherever the editable install points
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.stderr.strip() == "error: command line: `num_epochs` is 0; it must be in [1, 10000]"
+    assert r.stdout.split()[-3:] == ["exit", "1", "False"]

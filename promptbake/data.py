@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import orjson
 
+from .checks import split_front_matter
 from .errors import UserError
 from .io import read_jsonl
 from .seeds import seed_queries
@@ -52,15 +53,18 @@ def read_text(path) -> str:
 
 
 def read_prompt(path: str) -> str:
+    """The system prompt of a prompt file: its body, without the front matter (promptbake/checks.py), which is
+    never baked."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{path}: is a folder; --prompt_file must name the file holding the system prompt "
                         "(e.g. prompt.md)")
     if not p.exists():
         raise UserError(f"{path}: system prompt file not found; write the prompt to bake into it")
-    text = read_text(p).strip()
+    text = split_front_matter(read_text(p), path)[1].strip()
     if not text:
-        raise UserError(f"{path}: the system prompt is empty; write the prompt to bake into it")
+        raise UserError(f"{path}: the system prompt is empty; write the prompt to bake into it"
+                        + (" (below the front matter)" if read_text(p).strip() else ""))
     return text
 
 

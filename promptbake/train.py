@@ -26,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import distributed, fsdp, precision
 from .baked import BAKE_CONFIG, load_start, model_config_sha256, teacher_system, with_parent_model
 from .chat import render_prompt_ids
+from .checks import load_checks
 from .config import Config, to_dict
 from .data import load_rows, read_prompt
 from .distributed import SINGLE, World
@@ -48,7 +49,7 @@ TRAINER_STATE = "trainer_state.pt"
 CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
-                     "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
+                     "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "checks", "eval_max_new_tokens",
                      "model_cache_dir", "overwrite", "dist_timeout",
                      "bf16",  # like `device`: the rounding of the student's matmuls, not what is computed
                      "fsdp",  # like the number of processes: the checkpoints are the same either way
@@ -72,6 +73,8 @@ class Target:
     held_out: list[int]
     marker_regex: str = ""
     prompt: str = ""  # the prompt file's own text; `system` is what the teacher read (teacher_system)
+    prompt_file: str = ""
+    checks: list[dict] = field(default_factory=list)  # what the prompt demands (promptbake/checks.py), as dicts
 
 
 # ---------------------------------------------------------------- data and teacher
@@ -84,7 +87,7 @@ def target_specs(cfg) -> list[dict]:
         name = t.get("name") or (Path(data).stem if cfg.targets else cfg.name)
         out.append({"prompt_file": t.get("prompt_file", cfg.prompt_file), "student_prompt": t.get("student_prompt", ""),
                     "data": data, "weight": float(t.get("weight", 1.0)), "name": name,
-                    "marker_regex": t.get("marker_regex", "")})
+                    "marker_regex": t.get("marker_regex", ""), "checks": t.get("checks")})
     names = [s["name"] for s in out]
     if len(set(names)) != len(names):
         raise UserError(f"targets: two targets are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
@@ -156,7 +159,8 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
     print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
           f"{sum(e.n_response for e in examples)} response tokens, cache {teacher.bytes_per_token:.0f} B/token")
     return Target(spec["name"], system, spec["student_prompt"], Path(data_file), spec["weight"], examples, teacher,
-                  train, held_out, spec["marker_regex"], own)
+                  train, held_out, spec["marker_regex"], own, spec["prompt_file"],
+                  [c.as_dict() for c in load_checks(cfg, spec)])
 
 
 def check_inputs(cfg, tokenizer) -> list[dict]:
@@ -167,6 +171,7 @@ def check_inputs(cfg, tokenizer) -> list[dict]:
     specs = target_specs(cfg)
     for spec in specs:
         read_prompt(spec["prompt_file"])
+        load_checks(cfg, spec)  # a mistake in the checks stops the bake before it starts, not at evaluate
         spec["rows"] = load_rows(spec["data"], strip_system=cfg.strip_system)
     return specs
 
@@ -244,7 +249,8 @@ def bake_info(cfg, targets: list[Target], model_path: str, base_model, lineage: 
             "targets": [{"name": t.name, "system_prompt": t.prompt, "system_prompt_sha256": sha256_text(t.prompt),
                          **({"teacher_prompt": t.system} if t.system != t.prompt else {}),
                          "student_prompt": t.student_prompt, "data": str(t.data), "data_sha256": sha256_file(t.data),
-                         "weight": t.weight, "marker_regex": t.marker_regex, "train_rows": len(t.train),
+                         "weight": t.weight, "marker_regex": t.marker_regex, "prompt_file": t.prompt_file,
+                         "checks": t.checks, "train_rows": len(t.train),
                          "held_out_rows": len(t.held_out)} for t in targets]}
 
 

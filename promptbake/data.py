@@ -68,6 +68,14 @@ def read_prompt(path: str) -> str:
     return text
 
 
+def normalise_query(query: str | list[dict]) -> str:
+    """A query as compared and hashed (held-out split, overlap warnings): the text of its user turns, lower case,
+    whitespace collapsed. `query` is a text or a chat context."""
+    if isinstance(query, list):
+        query = " ".join(str(m.get("content", "")) for m in query if m.get("role") == "user")
+    return " ".join(query.lower().split())
+
+
 # ---------------------------------------------------------------- rows
 @dataclass
 class Row:

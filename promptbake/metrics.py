@@ -90,7 +90,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 and 1 at the ends (the formula gives them up to rounding)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def rate(hits: list[bool | None]) -> dict:
@@ -146,3 +147,13 @@ def prompt_llr(model, examples, pad_id: int, batch_size: int = 8) -> list[float 
             scores = iter([(a - c) / k for a, c, k in zip(with_prompt, without, n)])
             out += [next(scores) if e.n_response > 0 else None for e in ex]
     return out
+
+
+def headline_rate(adherence: dict | None) -> float | None:
+    """One model's adherence figure in eval.json: the share of non-degenerate answers passing every declared check
+    (older files: the marker rate); None when nothing was measured."""
+    if not isinstance(adherence, dict):
+        return adherence if isinstance(adherence, (int, float)) else None
+    if "non_degenerate" in adherence:
+        return (adherence["non_degenerate"] or {}).get("rate")
+    return adherence.get("marker_rate")

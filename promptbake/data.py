@@ -309,7 +309,9 @@ def _dataset_rows(source: str, strip_system: bool) -> Rows:
 def _txt_rows(p: Path) -> Rows:
     if not p.exists():
         raise UserError(f"{p}: prompts file not found")
-    lines = [(i, s.strip()) for i, s in enumerate(read_text(p).splitlines(), 1) if s.strip()]
+    # a line starting with # is a comment (a file's header), never a prompt
+    lines = [(i, s.strip()) for i, s in enumerate(read_text(p).splitlines(), 1) if s.strip()
+             and not s.strip().startswith("#")]
     if not lines:
         raise UserError(f"{p}: no prompts; write one prompt per line")
     return Rows(Row(i, [{"role": "user", "content": s}]) for i, s in lines)
@@ -328,9 +330,10 @@ def _folder_rows(folder: Path, strip_system: bool) -> Rows:
 
 
 def load_prompts(source: str, strip_system: bool = False) -> Rows:
-    """Prompt rows from: `builtin`, a .txt file (one a line), .json list, .jsonl rows, a folder of such files, or
-    a dataset (Hub id or save_to_disk folder). Rows may carry responses (paired data), read as load_rows reads
-    them; `strip_system` drops system messages instead of refusing them. `skipped` lists rows left out."""
+    """Prompt rows from: `builtin`, a .txt file (one a line; a line starting with # is a comment), .json list,
+    .jsonl rows, a folder of such files, or a dataset (Hub id or save_to_disk folder). Rows may carry responses
+    (paired data), read as load_rows reads them; `strip_system` drops system messages instead of refusing them.
+    `skipped` lists rows left out."""
     if source == "builtin":
         return Rows(Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(seed_queries(), 1))
     p = Path(source)

@@ -8,6 +8,7 @@ train_step() with an evaluation at each epoch end, then finish(). Each phase is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -28,7 +29,7 @@ from .baked import BAKE_CONFIG, load_start, model_config_sha256, teacher_system,
 from .chat import render_prompt_ids
 from .checks import load_checks
 from .config import Config, to_dict
-from .data import load_rows, read_prompt
+from .data import load_rows, normalise_query, read_prompt
 from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, response_hidden, token_pieces
@@ -114,14 +115,23 @@ def _answered_rows(cfg, spec, model, tokenizer, model_path: str):
     return load_rows(str(out)), str(out)
 
 
+def held_out_score(group: str, seed: int) -> float:
+    """Where a query falls in [0, 1): a hash of its normalised text (data.normalise_query) and the seed. It depends
+    on nothing else, so a query stays on its side of the split when other queries are added or dropped."""
+    digest = hashlib.sha256(f"{seed}\0{normalise_query(orjson.loads(group))}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Splits by query, not by row: samples of a held-out query are never trained on."""
+    """Splits by query, not by row: samples of a held-out query are never trained on. A query is held out when its
+    hash score is under `fraction` (about that share of the queries, each decided on its own: stable under added or
+    dropped queries, and the same query written twice lands on one side). With 4 queries or more and none under
+    `fraction`, the lowest-scored one is held out, so a small set is still measured."""
     groups = sorted({e.group for e in examples})
-    random.Random(seed).shuffle(groups)
-    n_eval = int(round(len(groups) * fraction)) if fraction > 0 else 0
-    if fraction > 0 and len(groups) >= 4:
-        n_eval = max(n_eval, 1)
-    held = set(groups[:n_eval])
+    score = {g: held_out_score(g, seed) for g in groups}
+    held = {g for g in groups if score[g] < fraction}
+    if fraction > 0 and not held and len(groups) >= 4:
+        held = {min(groups, key=score.__getitem__)}
     train = [i for i, e in enumerate(examples) if e.group not in held]
     if not train:
         raise UserError(f"eval_fraction={fraction} leaves no training rows; lower it or add data")

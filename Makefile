@@ -38,7 +38,8 @@ install: $(VENV)/.installed
 bake: $(VENV)/.installed
 	$(PY) generate_data.py
 	$(PY) bake.py
-	$(PY) demo.py --compare "Who are you?"
+	# a question never trained on (examples/sealed_questions.txt; the built-in training queries include "Who are you?")
+	$(PY) demo.py --compare "How do I unclog a bathroom sink without chemicals?"
 
 # The browser test opens report.html in headless Chromium: Debian's package, installed where missing.
 chromium:

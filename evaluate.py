@@ -8,10 +8,13 @@
     python evaluate.py --checkpoint checkpoints/a/final --checkpoint checkpoints/b/final   # A/B, same queries and seeds
 
 Prints full-vocabulary KL to the prompted teacher (base vs baked, and the baked model re-prompted with
-its prompt), top-1 agreement, and adherence on sampled answers (T=0.7, --samples per query, the same seeds
-for every model; markers / marker_regex from promptbake/config.py, or a judge model when API_BASE_URL is set).
-A checkpoint baked on another (--init_from) also gets adherence to every prompt of its lineage. Writes eval.json
-and refreshes the run's report.html.
+its prompt), top-1 agreement, and per model, on the same answers (1 greedy + --samples at T=0.7 per query, the
+same seeds for every model): adherence to the prompt's declared checks (front matter `checks:` of the prompt
+file, or the `checks` setting) among non-loop answers and among all, each check's rate, the loop share, and the
+LLR score (log P(answer | prompt) - log P(answer) per token under the base), all with 95% intervals; a judge
+model's rate too when API_BASE_URL is set. A checkpoint baked on another (--init_from) also gets adherence to
+every prompt of its lineage. --queries FILE warns when FILE holds training queries. Writes eval.json and
+refreshes the run's report.html.
 """
 
 import argparse
@@ -28,7 +31,8 @@ def main():
     parser.add_argument("--queries", help="held-out prompts: .txt (one a line) or .jsonl (default: the run's held_out.jsonl)")
     parser.add_argument("--strengths", default="", help="comma list of adapter strengths to sweep")
     parser.add_argument("--steps", action="store_true", help="also sweep the run's step-N checkpoints")
-    parser.add_argument("--samples", type=int, default=3, help="sampled answers per query (T=0.7), for KL and adherence")
+    parser.add_argument("--samples", type=int, default=3, help="sampled answers per query (T=0.7), beside one greedy, "
+                        "for KL and adherence")
     parser.add_argument("--target", help="evaluate only this target of a multi-target bake")
     cfg, args = parse_args(parser=parser)
     try:

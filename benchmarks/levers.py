@@ -30,6 +30,7 @@ import torch
 import promptbake.config as config_module
 import promptbake.train as train_module
 from promptbake.chat import render_prompt_ids
+from promptbake.checks import front_matter_checks
 from promptbake.data import Row, load_prompts, read_prompt
 from promptbake.evaluate import sample, texts_of
 from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
@@ -41,8 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "levers_results.json"
 QUESTIONS = ROOT / "examples" / "unseen_questions.txt"
-PERSONAS = {"pirate": {"prompt_file": str(ROOT / "prompt.md"), "marker_regex": config_module.Config().marker_regex},
-            "knight": config_module.load_yaml(str(ROOT / "examples" / "personas" / "knight.yaml"))}
+
+
+def declared_regex(prompt_file: str, name: str) -> str:
+    """The regex of the prompt file's own `matches` check called `name` (its front matter)."""
+    return next(c.value for c in front_matter_checks(prompt_file) if c.name == name)
+
+
+PERSONAS = {"pirate": {"prompt_file": str(ROOT / "prompt.md"),
+                       "marker_regex": declared_regex(str(ROOT / "prompt.md"), "pirate words")},
+            "knight": {**config_module.load_yaml(str(ROOT / "examples" / "personas" / "knight.yaml")),
+                       "marker_regex": declared_regex(str(ROOT / "examples" / "personas" / "knight.md"), "knight words")}}
 DATA_KEYS = ("temperatures", "max_new_tokens", "samples_per_query", "num_queries", "prompts", "top_p")
 EVAL_SAMPLES, EVAL_TOKENS, SEED = 2, 64, 0
 

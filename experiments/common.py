@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from promptbake import Config
+from promptbake.checks import front_matter_checks
 from promptbake.data import load_prompts
 from promptbake.generate import generate
 from promptbake.io import atomic_write_bytes, read_json, write_json
@@ -31,7 +32,7 @@ RESULTS = HERE / "results"
 UNSEEN = ROOT / "examples" / "unseen_questions.txt"  # 40 questions written apart from the training queries
 
 # The behaviours baked, each with the regex that spots it in an answer (from the project's own examples).
-PIRATE_REGEX = Config().marker_regex
+PIRATE_REGEX = next(c.value for c in front_matter_checks(str(ROOT / "prompt.md")) if c.name == "pirate words")
 PROMPTS = {
     "pirate": ("prompt.md", PIRATE_REGEX),
     "knight": ("examples/personas/knight.md", r"\b(liege|sire|my lord|my lady|honou?r\w*|quests?|swords?|knights?|"

@@ -35,8 +35,10 @@ from common import (
 )
 
 from promptbake.baked import load_baked
+from promptbake.checks import marker_checks
 from promptbake.data import Row, load_prompts
-from promptbake.evaluate import adherence_fn, run_sweep, sample, sweep_points
+from promptbake.evaluate import run_sweep, sample, score_answers, sweep_points, texts_of
+from promptbake.metrics import headline_rate
 from promptbake.teacher import build_examples
 
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -61,11 +63,16 @@ def run(cfg, out: Path = RESULTS / "half_baking.json", strengths: list[float] = 
         teacher = sample(model, tokenizer, contexts, target["system_prompt"], cfg.eval_max_new_tokens, samples, cfg.seed)
     rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
     examples, _ = build_examples(rows, tokenizer, target["system_prompt"], "", cfg.max_seq_len, True, str(queries))
-    rate, _ = adherence_fn(cfg, target, [c[-1]["content"] for c, _, _ in teacher])
-    prompted = rate([tokenizer.decode(ids, skip_special_tokens=True) for _, ids, _ in teacher])["marker_rate"]
+    checks = marker_checks([], cfg.marker_regex)  # this experiment measures its behaviour's regex, and nothing else
+
+    def score(answers) -> dict:
+        return score_answers(texts_of(tokenizer, answers), [c[-1]["content"] for c, _, _ in answers], checks,
+                             len(contexts))
+
+    prompted = headline_rate(score(teacher))
     print(f"half-baking | base + prompt adherence {prompted:.2f} | sweeping {len(strengths)} strengths and the steps",
           flush=True)
-    sweep = run_sweep(model, tokenizer, cfg, final, examples, contexts, "", rate,
+    sweep = run_sweep(model, tokenizer, cfg, final, examples, contexts, "", score,
                       sweep_points(final, strengths, steps=True), samples)
     for p in sweep:  # step-N points carry their step number
         p["step"] = int(p["point"].split("-")[1]) if p["point"].startswith("step-") else None
@@ -89,7 +96,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax2 = ax.twinx()
-        ax2.plot(xs, [p["marker_rate"] or 0 for p in points], "s--", color="tab:red")
+        ax2.plot(xs, [p.get("adherence", p.get("marker_rate")) or 0 for p in points], "s--", color="tab:red")
         ax2.axhline(result["prompted_adherence"], color="tab:red", alpha=0.4, lw=1, ls=":")
         ax2.text(xs[0], result["prompted_adherence"] + 0.02, "base + prompt", color="tab:red", alpha=0.7, fontsize=8)
         ax2.set_ylabel("adherence (marker rate)", color="tab:red")
@@ -108,7 +115,7 @@ def from_log(log: Path, cfg, out: Path = RESULTS / "half_baking.json") -> dict:
                                            r"adherence ([\d.]+)", text, flags=re.M):
         step = int(label.split("-")[1]) if label.startswith("step-") else None
         sweep.append({"point": label, "strength": 1.0 if step else float(label.split()[1]), "kl": float(kl),
-                      "top1_agreement": float(top1), "marker_rate": float(adh), "step": step})
+                      "top1_agreement": float(top1), "adherence": float(adh), "step": step})
     prompted = float(re.search(r"base \+ prompt adherence ([\d.]+)", text).group(1))
     settings = settings_of(cfg, strengths=STRENGTHS, samples=SAMPLES, queries=UNSEEN.name, save_steps=cfg.save_steps,
                            marker_regex=cfg.marker_regex)

@@ -12,6 +12,7 @@ Rerun: bakes and prompts already in the JSON are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from common import (
 from promptbake.baked import load_baked
 from promptbake.data import load_prompts
 from promptbake.evaluate import evaluate_target
+from promptbake.metrics import headline_rate
 
 NAMES = ("pirate", "knight", "cats")
 SAMPLES = 2
@@ -52,10 +54,12 @@ def run(cfgs: list, out: Path = RESULTS / "reprompt.json", samples: int = SAMPLE
         t0 = time.time()
         model, tokenizer, info = load_baked(final, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
         target = {**info["targets"][0], "marker_regex": cfg.marker_regex}
-        r, _, _ = evaluate_target(model, tokenizer, cfg, target, contexts, str(queries), samples)
-        rates = {who: r["adherence"][who]["marker_rate"] for who in WHO}
+        # this experiment measures its behaviour's regex, and nothing else (not the prompt file's own checks)
+        only_regex = dataclasses.replace(cfg, checks=[{"matches": cfg.marker_regex, "name": "marker_regex"}])
+        r, _, _ = evaluate_target(model, tokenizer, only_regex, target, contexts, str(queries), samples)
+        rates = {who: headline_rate(r["adherence"][who]) for who in WHO}
         result["prompts"][cfg.name] = {"prompt": target["system_prompt"], "marker_regex": cfg.marker_regex,
-                                       "adherence": rates, "answers": r["adherence_answers"],
+                                       "adherence": rates, "answers": r["answers_per_model"],
                                        "kl_base": r["kl_before"], "kl_baked": r["kl_after"],
                                        "kl_baked_reprompted": r["kl_reprompted"], "examples": r["examples"][:2]}
         save(out, result)

@@ -20,6 +20,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 
+from .checks import parse_checks
 from .errors import UserError
 from .redact import redact_url
 
@@ -147,11 +148,13 @@ class Config:
     wandb_mode: str = ""  # online | offline | disabled ("" = online with WANDB_API_KEY, else offline)
     wandb_project: str = "prompt-baking"
     # ---- evaluation (evaluate.py, demo.py)
-    # An answer follows the prompt when marker_regex matches it (any case), else when it contains one of
-    # `markers`. The default regex fits the default pirate prompt.md: change both when you change it.
+    # What the prompt demands, scored on every answer (promptbake/checks.py): a list like
+    # [{starts_with: "Arr!"}, {max_words: 25, when: "\\?$"}]. [] = the prompt file's front matter `checks:`.
+    checks: list[dict] = items(list)
+    # Older, one-prompt adherence: an answer follows when marker_regex matches it (any case), else when it holds one
+    # of `markers`. Empty by default: applied only when set here or by a target (it becomes one more check).
     markers: list[str] = items(list)  # comma list of words
-    marker_regex: str = (r"\b(arr+|aye|matey|mateys|ahoy|ye|yer|hearties|landlubbers?|scallywags?|pirates?|captain|"
-                         r"plunder\w*|treasure|booty|seven seas|sailin'|me crew)\b")
+    marker_regex: str = ""
     eval_max_new_tokens: int = num(64, 1, 32768)
 
 
@@ -163,7 +166,7 @@ CHOICES = {
     "chain_teacher": ["lineage", "new"],
 }
 TARGET_KEYS = {"prompt_file": str, "student_prompt": str, "data": str, "weight": float, "name": str,
-               "marker_regex": str}
+               "marker_regex": str, "checks": list}
 TARGET_WEIGHT = Range(0, 1e6, lo_open=True)
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ENV_DEFAULTS = {"api_base_url": "API_BASE_URL", "api_model": "API_MODEL"}
@@ -225,7 +228,7 @@ def _check_targets(targets: list[dict], where: str) -> None:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in targets[{i}]; valid: {', '.join(TARGET_KEYS)}")
         for key, tp in TARGET_KEYS.items():
-            if key in t:
+            if key in t and key != "checks":
                 t[key] = _coerce(f"targets[{i}].{key}", tp, t[key], where)
         if "weight" in t and t["weight"] not in TARGET_WEIGHT:
             raise ConfigError(f"{where}: `targets[{i}].weight` is {_show(t['weight'])}; it must be in {TARGET_WEIGHT}")
@@ -233,6 +236,8 @@ def _check_targets(targets: list[dict], where: str) -> None:
             check_name(t["name"], f"{where}: `targets[{i}].name`")
         if "marker_regex" in t:
             _check_regex(t["marker_regex"], f"{where}: `targets[{i}].marker_regex`")
+        if "checks" in t:
+            _check_checks(t["checks"], f"{where}: `targets[{i}]`")
 
 
 def check_name(name: str, what: str = "`name`") -> None:
@@ -261,6 +266,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: `temperatures` is empty; give at least one, e.g. --temperatures 0.7")
     _check_targets(cfg.targets, where)
     _check_regex(cfg.marker_regex, f"{where}: `marker_regex`")
+    _check_checks(cfg.checks, where)
     return cfg
 
 
@@ -269,6 +275,13 @@ def _check_regex(regex: str, what: str) -> None:
         re.compile(regex)
     except re.error as e:
         raise ConfigError(f"{what} is not a valid regular expression ({e})") from None
+
+
+def _check_checks(checks, where: str) -> None:
+    try:
+        parse_checks(checks, where)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _unknown(key: str, where: str) -> ConfigError:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import orjson
 
+from .checks import split_front_matter
 from .errors import UserError
 from .io import read_jsonl
 from .seeds import seed_queries
@@ -52,16 +53,27 @@ def read_text(path) -> str:
 
 
 def read_prompt(path: str) -> str:
+    """The system prompt of a prompt file: its body, without the front matter (promptbake/checks.py), which is
+    never baked."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{path}: is a folder; --prompt_file must name the file holding the system prompt "
                         "(e.g. prompt.md)")
     if not p.exists():
         raise UserError(f"{path}: system prompt file not found; write the prompt to bake into it")
-    text = read_text(p).strip()
+    text = split_front_matter(read_text(p), path)[1].strip()
     if not text:
-        raise UserError(f"{path}: the system prompt is empty; write the prompt to bake into it")
+        raise UserError(f"{path}: the system prompt is empty; write the prompt to bake into it"
+                        + (" (below the front matter)" if read_text(p).strip() else ""))
     return text
+
+
+def normalise_query(query: str | list[dict]) -> str:
+    """A query as compared and hashed (held-out split, overlap warnings): the text of its user turns, lower case,
+    whitespace collapsed. `query` is a text or a chat context."""
+    if isinstance(query, list):
+        query = " ".join(str(m.get("content", "")) for m in query if m.get("role") == "user")
+    return " ".join(query.lower().split())
 
 
 # ---------------------------------------------------------------- rows
@@ -297,7 +309,9 @@ def _dataset_rows(source: str, strip_system: bool) -> Rows:
 def _txt_rows(p: Path) -> Rows:
     if not p.exists():
         raise UserError(f"{p}: prompts file not found")
-    lines = [(i, s.strip()) for i, s in enumerate(read_text(p).splitlines(), 1) if s.strip()]
+    # a line starting with # is a comment (a file's header), never a prompt
+    lines = [(i, s.strip()) for i, s in enumerate(read_text(p).splitlines(), 1) if s.strip()
+             and not s.strip().startswith("#")]
     if not lines:
         raise UserError(f"{p}: no prompts; write one prompt per line")
     return Rows(Row(i, [{"role": "user", "content": s}]) for i, s in lines)
@@ -316,9 +330,10 @@ def _folder_rows(folder: Path, strip_system: bool) -> Rows:
 
 
 def load_prompts(source: str, strip_system: bool = False) -> Rows:
-    """Prompt rows from: `builtin`, a .txt file (one a line), .json list, .jsonl rows, a folder of such files, or
-    a dataset (Hub id or save_to_disk folder). Rows may carry responses (paired data), read as load_rows reads
-    them; `strip_system` drops system messages instead of refusing them. `skipped` lists rows left out."""
+    """Prompt rows from: `builtin`, a .txt file (one a line; a line starting with # is a comment), .json list,
+    .jsonl rows, a folder of such files, or a dataset (Hub id or save_to_disk folder). Rows may carry responses
+    (paired data), read as load_rows reads them; `strip_system` drops system messages instead of refusing them.
+    `skipped` lists rows left out."""
     if source == "builtin":
         return Rows(Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(seed_queries(), 1))
     p = Path(source)

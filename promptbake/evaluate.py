@@ -1,4 +1,23 @@
-"""Measures how well a prompt was baked: KL to the prompted teacher and behaviour, before and after."""
+"""Measures how well a prompt was baked: KL to the prompted teacher and behaviour, before and after.
+
+eval.json (one target; several: {"targets": {name: <this>}, ...} with retention/lineage beside):
+    target, queries, n_queries, n_tokens        the queries (file or held_out.jsonl), how many, KL rows' tokens
+    kl_before/kl_after/kl_reprompted, kl_ratio, top1_agreement_*     full-vocabulary KL to the prompted base
+    answers_per_model, greedy_per_query, samples_per_query           the SAME answers per model: n_queries x
+                                                                     (1 greedy + samples at T=0.7)
+    checks: [{kind: value, name, when?}]        what the answers were scored on (promptbake/checks.py)
+    adherence: {base | prompted | baked | baked_reprompted: {
+        answers, greedy_answers,
+        loop: RATE                              share of degenerate answers (metrics.is_loop)
+        non_degenerate: RATE                    every applicable check passes, among non-loop answers (the headline)
+        all: RATE, greedy: RATE, sampled: RATE  the same over all answers / greedy ones / sampled ones
+        checks: {name: {all: RATE, non_degenerate: RATE}}
+        llr: {mean, ci, n}                      mean per-token log P(y | prompt, x) - log P(y | x) under the base
+        judge: RATE}}                           with an API configured
+    RATE = {k, n, rate, ci: [lo, hi]} (Wilson 95%); n counts answers a check applies to (`when`).
+    examples: the first greedy answers of each model.
+Rates are absent (and print n/a) when the target declares no checks: the LLR is then the score.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +31,14 @@ from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
 from .chat import check_fits, model_context, render_prompt_ids
+from .checks import follows_all, load_checks, marker_checks, parse_checks, score_answer
 from .config import to_dict
-from .data import Row, load_prompts
+from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
 from .generate import decode_response, derive_seed, generate_ids
-from .io import read_jsonl, sha256_bytes, sha256_file, write_json
+from .io import read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, lineage_prompts
-from .metrics import kl_and_agreement, marker_rate
+from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import retention
 from .teacher import build_examples
@@ -26,6 +46,7 @@ from .tracking import open_wandb
 from .train import HELD_OUT
 
 EVAL_TEMPERATURE = 0.7  # sampled answers for KL rows and adherence; the same seeds for every model compared
+MARKER_CHECKS = {"marker_regex", "markers"}  # the names marker_checks gives the older settings
 
 
 def judge_fn(cfg, system: str):
@@ -49,16 +70,16 @@ def judge_fn(cfg, system: str):
 
 
 def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, samples: int, seed: int,
-           batch_size: int = 32) -> list[tuple[list[dict], list[int], bool]]:
+           batch_size: int = 32, greedy: bool = False) -> list[tuple[list[dict], list[int], bool]]:
     """`samples` answers per query at temperature 0.7, with the same seeds for every model compared:
-    (context, response ids, complete) for each."""
+    (context, response ids, complete) for each, pass by pass. `greedy`: one greedy answer per query first."""
     out = []
-    for i in range(samples):
+    for i in range(-1 if greedy else 0, samples):
         for b in range(0, len(contexts), batch_size):
             chunk = contexts[b:b + batch_size]
             prompts = [render_prompt_ids(tokenizer, c, system) for c in chunk]
-            outs = generate_ids(model, tokenizer, prompts, temperature=EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
-                                seed=derive_seed("eval", seed, i, b))
+            outs = generate_ids(model, tokenizer, prompts, temperature=0.0 if i < 0 else EVAL_TEMPERATURE,
+                                max_new_tokens=max_new_tokens, seed=derive_seed("eval", seed, i, b))
             out += [(c, ids, complete) for c, (ids, complete) in zip(chunk, outs)]
     return out
 
@@ -105,6 +126,25 @@ def check_adapter_unchanged(path: Path, evaluated: str | None) -> None:
                         f"evaluation was written: rerun evaluate.py on the new checkpoint")
 
 
+def training_queries(path: Path, info: dict, target: dict) -> set[str]:
+    """The normalised queries one target was trained on: its data file's, less the run's held-out ones (empty when
+    the data file is gone)."""
+    data = Path(target.get("data") or "")
+    if not data.is_file():
+        return set()
+    held = path.parent / HELD_OUT
+    held_out = {normalise_query(o["messages"]) for _, o in read_jsonl(held)} if held.exists() else set()
+    return {normalise_query(r.context) for r in load_rows(str(data))} - held_out
+
+
+def warn_overlap(contexts, trained: set[str], where: str) -> None:
+    """One line when queries to evaluate on were trained on: their figures say nothing about unseen questions."""
+    seen = [c[-1]["content"] for c in contexts if normalise_query(c) in trained]
+    if seen:
+        print(f"warning: {len(seen)} of the {len(contexts)} queries in {where} are training queries of this run "
+              f"(e.g. {', '.join(repr(q[:60]) for q in seen[:2])}); their figures do not measure unseen questions")
+
+
 def pick_targets(info: dict, name: str | None) -> list[dict]:
     targets = info["targets"]
     if name is None:
@@ -115,20 +155,49 @@ def pick_targets(info: dict, name: str | None) -> list[dict]:
     return found
 
 
-def adherence_fn(cfg, target: dict, users: list[str]):
-    """Rates a list of answers: marker rate (the target's regex, else the config's) and, with an API, a judge's."""
-    regex = target.get("marker_regex") or cfg.marker_regex
-    judge = judge_fn(cfg, target["system_prompt"])
-    if not (cfg.markers or regex or judge):
-        print("note: no markers, marker_regex or judge API configured: adherence is not measured")
+def target_checks(cfg, t: dict) -> list:
+    """The checks one baked target is scored on: the config's now (`checks`, or its `targets[]` entry), else the
+    front matter of its prompt file while that file still holds the prompt that was baked, else the checks recorded
+    at bake time; a marker_regex the target declared (or the user set) comes on top."""
+    own = next((s for s in cfg.targets if s.get("name") == t["name"]), {})
+    prompt_file = t.get("prompt_file") or cfg.prompt_file
+    if not (Path(prompt_file).is_file() and sha256_text(read_prompt(prompt_file)) == t.get("system_prompt_sha256")):
+        prompt_file = ""
+    live = load_checks(cfg, {"name": t["name"], "checks": own.get("checks"), "prompt_file": prompt_file,
+                             "marker_regex": t.get("marker_regex")})
+    if any(c.name not in MARKER_CHECKS for c in live) or not t.get("checks"):
+        return live
+    recorded = parse_checks(t["checks"], f"target {t['name']!r} (its checks recorded in bake_config.json)")
+    return recorded + [c for c in live if c.name not in {r.name for r in recorded}]
 
-    def rate(texts: list[str]) -> dict:
-        result = {"marker_rate": marker_rate(texts, cfg.markers, regex)}
-        if judge:
-            result["judge_rate"] = sum(judge(list(zip(users, texts)))) / len(texts)
-        return result
 
-    return rate, regex
+def score_answers(texts: list[str], questions: list[str], checks, n_greedy: int, llrs=None, judge=None) -> dict:
+    """One model's answers against the checks: loop share, adherence on non-degenerate and on all answers (and
+    greedy / sampled apart), per check, the LLR score and, with an API, a judge's rate. Shape: module docstring."""
+    loops = [is_loop(t) for t in texts]
+    scores = [score_answer(q, t, checks) for q, t in zip(questions, texts)]
+
+    def both(hits: list) -> dict:
+        return {"all": rate(hits), "non_degenerate": rate([h for h, loop in zip(hits, loops) if not loop])}
+
+    out = {"answers": len(texts), "greedy_answers": n_greedy, "loop": rate(loops)}
+    if checks:
+        follows = [follows_all(s) for s in scores]
+        out.update(both(follows))
+        out.update({"greedy": rate(follows[:n_greedy]), "sampled": rate(follows[n_greedy:])})
+        out["checks"] = {c.name: both([s[c.name] for s in scores]) for c in checks}
+    if llrs is not None:
+        out["llr"] = mean_interval(llrs)
+    if judge:
+        out["judge"] = rate(judge(list(zip(questions, texts))))
+    return out
+
+
+def answer_llr(model, tokenizer, answers, system: str, max_seq_len: int, where: str) -> list[float | None]:
+    """The judge-free score of each answer: metrics.prompt_llr against `system` (the teacher's prompt)."""
+    rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(answers, 1)]
+    examples, _ = build_examples(rows, tokenizer, system, "", max_seq_len, True, where)
+    return prompt_llr(model, examples, tokenizer.pad_token_id)
 
 
 def sweep_points(path: Path, strengths: list[float], steps: bool) -> list[tuple[str, Path, float]]:
@@ -138,7 +207,7 @@ def sweep_points(path: Path, strengths: list[float], steps: bool) -> list[tuple[
     return points
 
 
-def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, rate, points, samples) -> list[dict]:
+def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, score, points, samples) -> list[dict]:
     """Half-baking: KL and adherence at each adapter strength, or at each saved step."""
     sweep = []
     for label, ckpt, s in points:
@@ -148,39 +217,62 @@ def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, r
             model.set_adapter("sweep")
         set_strength(model, s)
         kl, agree = kl_and_agreement(model, examples, tokenizer.pad_token_id)
-        texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens,
-                                           samples, cfg.seed))
-        sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree, **rate(texts)})
+        scored = score(sample(model, tokenizer, contexts, student_prompt or None, cfg.eval_max_new_tokens, samples,
+                              cfg.seed, greedy=True))
+        sweep.append({"point": label, "strength": s, "kl": kl, "top1_agreement": agree,
+                      "adherence": headline_rate(scored), "adherence_ci": (scored.get("non_degenerate") or {}).get("ci"),
+                      "loop_share": scored["loop"]["rate"]})
         if swapped:
             model.set_adapter("default")
             model.delete_adapter("sweep")
-        print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | adherence {_rate(sweep[-1]['marker_rate'])}")
+        print(f"  {label:>14} | kl {kl:.4f} | top-1 {agree:.3f} | adherence {_rate(sweep[-1]['adherence'])} | "
+              f"loops {_rate(sweep[-1]['loop_share'])}")
     set_strength(model, 1.0)
     return sweep
 
 
+MODELS = ("base", "prompted", "baked", "baked_reprompted")
+
+
 def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, samples: int) -> tuple[dict, list, object]:
-    """Base, prompted base and baked on one target's queries: full-vocabulary KL, top-1 agreement, adherence."""
+    """Base, prompted base, baked and baked re-prompted on one target's queries, each answering every query once
+    greedy and `samples` times sampled (the same seeds): full-vocabulary KL, top-1 agreement, the target's checks,
+    loop share and the LLR score, with intervals."""
     # what the teacher read: for a chain baked with chain_teacher=lineage, its ancestors' prompts too
     system, student_prompt = target.get("teacher_prompt") or target["system_prompt"], target.get("student_prompt", "")
     n_new = cfg.eval_max_new_tokens
-    print(f"target {target['name']!r}: {len(contexts)} queries from {where}")
-    # The prompted base answers each query `samples` times: those answers are the KL's rows and the prompted
-    # base's answers for adherence. Base and baked are sampled with the same seeds.
+    checks = target_checks(cfg, target)
+    print(f"target {target['name']!r}: {len(contexts)} queries from {where}, {1 + samples} answers each per model "
+          f"(1 greedy + {samples} at T={EVAL_TEMPERATURE}); checks: {', '.join(c.name for c in checks) or 'none'}")
+    if not checks:
+        print("note: the prompt declares no checks (front matter `checks:` or the `checks` setting): adherence is not "
+              "measured; the LLR score stands in for it")
+    # The prompted base's answers are the KL's rows and its answers for adherence; every model answers with the same
+    # seeds, once greedy and `samples` times sampled.
     with model.disable_adapter():
-        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed)
-        base_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed))
+        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True)
+        base = sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed, greedy=True)
     rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
     examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, where)
-    rate, regex = adherence_fn(cfg, target, [c[-1]["content"] for c, _, _ in teacher])
-    prompted_texts = texts_of(tokenizer, teacher)
     kl_before, agree_before = kl_and_agreement(model, examples, tokenizer.pad_token_id, adapter=False)
     kl_after, agree_after = kl_and_agreement(model, examples, tokenizer.pad_token_id)
-    baked_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed))
+    baked = sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed, greedy=True)
     # Re-prompting: the baked model given its prompt again (the paper's fourth model)
-    reprompted_texts = texts_of(tokenizer, sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed))
+    reprompted = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True)
     kl_re, agree_re = kl_and_agreement(model, [dataclasses.replace(e, student_ids=e.teacher_ids) for e in examples],
                                        tokenizer.pad_token_id)
+    judge = judge_fn(cfg, target["system_prompt"])
+    questions = [c[-1]["content"] for c, _, _ in teacher]
+    answers = dict(zip(MODELS, (base, teacher, baked, reprompted)))
+    texts = {who: texts_of(tokenizer, a) for who, a in answers.items()}
+    adherence = {who: score_answers(texts[who], questions, checks, len(contexts),
+                                    answer_llr(model, tokenizer, a, system, cfg.max_seq_len, where), judge)
+                 for who, a in answers.items()}
+
+    def score(answers) -> dict:  # for the half-baking sweep: no LLR, no judge
+        return score_answers(texts_of(tokenizer, answers), [c[-1]["content"] for c, _, _ in answers], checks,
+                             len(contexts))
+
     result = {
         "target": target["name"], "queries": where, "n_queries": len(contexts),
         "n_tokens": sum(e.n_response for e in examples),
@@ -188,40 +280,45 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
         "kl_reprompted": kl_re,
         "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
         "top1_agreement_reprompted": agree_re,
-        "adherence": {"base": rate(base_texts), "prompted": rate(prompted_texts), "baked": rate(baked_texts),
-                      "baked_reprompted": rate(reprompted_texts)},
-        "markers": cfg.markers, "marker_regex": regex, "samples_per_query": samples,
-        "adherence_answers": len(baked_texts),
-        "examples": [{"user": c[-1]["content"], "base": b, "prompted": p, "baked": baked, "baked_reprompted": re_}
-                     for (c, _, _), b, p, baked, re_ in
-                     list(zip(teacher, base_texts, prompted_texts, baked_texts, reprompted_texts))[:5]],
+        "answers_per_model": len(teacher), "greedy_per_query": 1, "samples_per_query": samples,
+        "checks": [c.as_dict() for c in checks], "adherence": adherence,
+        "examples": [{"user": c[-1]["content"], **{who: texts[who][i] for who in MODELS}}
+                     for i, (c, _, _) in enumerate(teacher[:min(5, len(contexts))])],
     }
-    return result, examples, rate
+    return result, examples, score
 
 
 def lineage_adherence(cfg, info: dict, model, tokenizer, contexts, samples: int) -> list[dict]:
     """After baking B on A: does the chained model, with no prompt, still show every prompt of its lineage?
-    Beside it, the plain base model with no prompt and with all the lineage's prompts at once."""
+    Beside it, the plain base model with no prompt and with all the lineage's prompts at once. Each prompt is
+    scored on its own checks (recorded at its bake), else its marker regex."""
     prompts = lineage_prompts(info, cfg.marker_regex)
     base_cfg = dataclasses.replace(cfg, model_name_or_path=info["config"]["model_name_or_path"], init_from="",
                                    trust_remote_code=info["config"].get("trust_remote_code", False))
     base = models.load(base_cfg)[0]
     every_prompt = "\n\n".join(p["system_prompt"] for p in prompts)
     n = cfg.eval_max_new_tokens
-    texts = {"base": texts_of(tokenizer, sample(base, tokenizer, contexts, None, n, samples, cfg.seed)),
-             "base_all_prompts": texts_of(tokenizer, sample(base, tokenizer, contexts, every_prompt, n, samples, cfg.seed)),
-             "baked": texts_of(tokenizer, sample(model, tokenizer, contexts, None, n, samples, cfg.seed))}
+    answers = {"base": sample(base, tokenizer, contexts, None, n, samples, cfg.seed, greedy=True),
+               "base_all_prompts": sample(base, tokenizer, contexts, every_prompt, n, samples, cfg.seed, greedy=True),
+               "baked": sample(model, tokenizer, contexts, None, n, samples, cfg.seed, greedy=True)}
     del base
-    print(f"\nlineage ({len(prompts)} prompts): adherence of the chained model with no prompt, beside the plain base")
-    print(f"{'bake / target':28}{'base':>8}{'base + every prompt':>21}{'chained, no prompt':>20}")
+    texts = {who: texts_of(tokenizer, a) for who, a in answers.items()}
+    questions = [c[-1]["content"] for c, _, _ in answers["base"]]
+    print(f"\nlineage ({len(prompts)} prompts, {len(questions)} answers per model): adherence (all answers, 95% "
+          f"interval) of the chained model with no prompt, beside the plain base")
+    print(f"{'bake / target':28}{'base':>20}{'base + every prompt':>22}{'chained, no prompt':>22}")
     out = []
     for p in prompts:
-        rates = {who: marker_rate(t, cfg.markers if p["bake"] == info["config"].get("name") else [], p["marker_regex"])
-                 for who, t in texts.items()}
+        own = p["bake"] == info["config"].get("name")
+        checks = (parse_checks(p["checks"], f"lineage {p['bake']}/{p['name']}") if p["checks"]
+                  else marker_checks(cfg.markers if own else [], p["marker_regex"]))
+        rates = {who: rate([follows_all(score_answer(q, t, checks)) for q, t in zip(questions, ts)])
+                 for who, ts in texts.items()}
         out.append({"bake": p["bake"], "target": p["name"], "prompt": p["system_prompt"].strip().splitlines()[0][:120],
-                    "marker_regex": p["marker_regex"], **rates})
-        print(f"{p['bake'] + ' / ' + p['name']:28}{_rate(rates['base']):>8}{_rate(rates['base_all_prompts']):>21}"
-              f"{_rate(rates['baked']):>20}")
+                    "marker_regex": p["marker_regex"], "checks": [c.name for c in checks], "answers": len(questions),
+                    **{who: r["rate"] for who, r in rates.items()}, **{f"{who}_ci": r["ci"] for who, r in rates.items()}})
+        print(f"{p['bake'] + ' / ' + p['name']:28}" + "".join(f"{_with_ci(rates[w]):>{width}}" for w, width in
+                                                             (("base", 20), ("base_all_prompts", 22), ("baked", 22))))
     return out
 
 
@@ -240,12 +337,14 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     for t in pick_targets(info, target):
         contexts, where = eval_contexts(path, queries, t["name"])
         check_query_lengths(model, tokenizer, cfg, t, contexts, where)
-        result, examples, rate = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
+        if queries:
+            warn_overlap(contexts, training_queries(path, info, t), queries)
+        result, examples, score = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
         result["start_model"] = "parent" if info.get("lineage") else "base"
         points = sweep_points(path, strengths or [], steps)
         if points:
-            result["sweep"] = run_sweep(model, tokenizer, cfg, path, examples, contexts, t.get("student_prompt", ""), rate,
-                                        points, samples)
+            result["sweep"] = run_sweep(model, tokenizer, cfg, path, examples, contexts, t.get("student_prompt", ""),
+                                        score, points, samples)
             png = "half_baking.png" if len(per_target) == 0 else f"half_baking_{t['name']}.png"
             result["plot"] = str(plot_sweep(result["sweep"], path / png))
         per_target[t["name"]] = result
@@ -321,8 +420,10 @@ def print_ab(results: dict) -> None:
     rows = [("KL to teacher, baked", lambda r: f"{r['kl_after']:.4f}"),
             ("KL cut", lambda r: f"{100 * (1 - r['kl_ratio']):.0f}%" if r["kl_ratio"] is not None else "n/a"),
             ("top-1 agreement", lambda r: f"{r['top1_agreement_after']:.3f}")]
-    rows += [(f"adherence: {who.replace('_', ' ')}", lambda r, who=who: _rate(r["adherence"][who]["marker_rate"]))
-             for who in ("base", "prompted", "baked", "baked_reprompted")]
+    rows += [(f"adherence: {who.replace('_', ' ')}", lambda r, who=who: _rate(headline_rate(r["adherence"][who])))
+             for who in MODELS]
+    rows += [(f"loop share: {who.replace('_', ' ')}", lambda r, who=who: _rate(r["adherence"][who]["loop"]["rate"]))
+             for who in MODELS]
     for label, cell in rows:
         print(f"{label:30}" + "".join(f"{cell(results[n]):>{width}}" for n in names))
 
@@ -334,13 +435,15 @@ def log_wandb(cfg, path: Path, result: dict) -> None:
     for name, r in result.get("targets", {"": result}).items():
         group = f"eval/{name}/" if name else "eval/"
         flat = {f"{group}{k}": v for k, v in r.items() if isinstance(v, (int, float)) and v is not None}
-        flat.update({f"{group}adherence_{who}": a["marker_rate"] for who, a in r["adherence"].items()
-                     if a["marker_rate"] is not None})
+        flat.update({f"{group}adherence_{who}": headline_rate(a) for who, a in r["adherence"].items()
+                     if headline_rate(a) is not None})
+        flat.update({f"{group}loop_share_{who}": a["loop"]["rate"] for who, a in r["adherence"].items()
+                     if a["loop"]["rate"] is not None})
         run.log(flat)
         run.log({f"retention/{k}": v for k, v in result["retention"].items() if isinstance(v, (int, float))})
         for p in r.get("sweep", []):
             run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
-                     "half_baking/adherence": p["marker_rate"] or 0.0})
+                     "half_baking/adherence": p["adherence"] or 0.0})
     run.finish()
 
 
@@ -357,7 +460,7 @@ def plot_sweep(sweep: list[dict], out: Path) -> Path:
     ax.set_xticks(x, [p["point"].replace("strength ", "") for p in sweep], rotation=30)
     ax.set_xlabel("adapter strength" if all(p["point"].startswith("strength") for p in sweep) else "point")
     ax2 = ax.twinx()
-    ax2.plot(x, [p["marker_rate"] or 0 for p in sweep], "s--", color="tab:red", label="adherence (marker rate)")
+    ax2.plot(x, [p["adherence"] or 0 for p in sweep], "s--", color="tab:red", label="adherence (checks)")
     ax2.set_ylabel("adherence", color="tab:red")
     ax2.set_ylim(-0.05, 1.05)
     ax.set_title("Half-baking: prompt strength")
@@ -371,18 +474,44 @@ def _rate(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _with_ci(r: dict | None) -> str:
+    """A RATE as "0.45 [0.36-0.55]", or n/a."""
+    if not r or r.get("rate") is None:
+        return "n/a"
+    return f"{r['rate']:.2f} [{r['ci'][0]:.2f}-{r['ci'][1]:.2f}]"
+
+
+def _llr(m: dict | None) -> str:
+    if not m or m.get("mean") is None:
+        return "n/a"
+    return f"{m['mean']:+.3f} [{m['ci'][0]:+.3f},{m['ci'][1]:+.3f}]"
+
+
 def print_table(r: dict) -> None:
-    start = r.get("start_model", "base")
-    print(f"\n{'':22}{'KL to teacher':>14}{'top-1 agree':>13}{'adherence':>11}")
-    rows = [(f"{start}, no prompt", r["kl_before"], r["top1_agreement_before"], r["adherence"]["base"]),
-            (f"{start} + prompt", 0.0, 1.0, r["adherence"]["prompted"]),
-            ("baked, no prompt", r["kl_after"], r["top1_agreement_after"], r["adherence"]["baked"])]
-    if "baked_reprompted" in r["adherence"]:
-        rows.append(("baked + prompt", r["kl_reprompted"], r["top1_agreement_reprompted"],
-                     r["adherence"]["baked_reprompted"]))
-    for name, kl, agree, adh in rows:
-        judge = f"  judge {adh['judge_rate']:.2f}" if "judge_rate" in adh else ""
-        print(f"{name:22}{kl:>14.4f}{agree:>13.3f}{_rate(adh['marker_rate']):>11}{judge}")
+    """The terminal's table: one row per model, every rate with its 95% interval; then one row per check."""
+    start, adh = r.get("start_model", "base"), r["adherence"]
+    names = {"base": f"{start}, no prompt", "prompted": f"{start} + prompt", "baked": "baked, no prompt",
+             "baked_reprompted": "baked + prompt"}
+    kl = {"base": (r["kl_before"], r["top1_agreement_before"]), "prompted": (0.0, 1.0),
+          "baked": (r["kl_after"], r["top1_agreement_after"]),
+          "baked_reprompted": (r["kl_reprompted"], r["top1_agreement_reprompted"])}
+    who_all = [w for w in MODELS if w in adh]
+    n = adh[who_all[0]]["answers"]
+    print(f"\n{n} answers per model ({r['n_queries']} queries x (1 greedy + {r['samples_per_query']} sampled)); "
+          f"adherence = every check passes; [95% interval]")
+    print(f"{'':18}{'KL':>8}{'top-1':>7}{'adherence, no loops':>22}{'adherence, all':>22}{'loop share':>22}"
+          f"{'LLR (prompt score)':>26}")
+    for who in who_all:
+        a = adh[who]
+        judge = f"  judge {_with_ci(a['judge'])}" if "judge" in a else ""
+        print(f"{names[who]:18}{kl[who][0]:>8.4f}{kl[who][1]:>7.3f}{_with_ci(a.get('non_degenerate')):>22}"
+              f"{_with_ci(a.get('all')):>22}{_with_ci(a['loop']):>22}{_llr(a.get('llr')):>26}{judge}")
+    for c in r.get("checks", []):
+        name = c["name"]
+        cells = "".join(f"{_with_ci(adh[w]['checks'][name]['non_degenerate']):>20}" for w in who_all)
+        if name == r["checks"][0]["name"]:
+            print(f"\n{'check (no loops)':30}" + "".join(f"{names[w]:>20}" for w in who_all))
+        print(f"{name[:29]:30}{cells}")
     if r["kl_before"]:
         print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
               f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")

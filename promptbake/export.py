@@ -195,9 +195,17 @@ def prompt_lines(target: dict, private: bool) -> str:
 
 
 def rate_of(x) -> str:
-    """An adherence figure of eval.json: {"marker_rate": r} (or a judge's {"rate": r}), or a bare number."""
+    """An adherence figure of eval.json, with its 95% interval when it has one: a model's entry (its `non_degenerate`
+    rate; older files: {"marker_rate": r} or a judge's {"judge_rate": r}), a RATE {"rate", "ci"}, or a bare number."""
+    if isinstance(x, dict) and "non_degenerate" in x:
+        x = x["non_degenerate"]
+    if isinstance(x, dict) and "rate" in x:
+        r, ci = x.get("rate"), x.get("ci")
+        if isinstance(r, (int, float)) and ci:
+            return f"{r:.2f} [{ci[0]:.2f}-{ci[1]:.2f}]"
+        x = r
     if isinstance(x, dict):
-        x = next((x[k] for k in ("marker_rate", "judge_rate", "rate") if isinstance(x.get(k), (int, float))), None)
+        x = next((x[k] for k in ("marker_rate", "judge_rate") if isinstance(x.get(k), (int, float))), None)
     return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
 
 
@@ -207,13 +215,26 @@ def eval_lines(checkpoint: Path) -> list[str]:
         return ["Not evaluated (run `python evaluate.py --checkpoint ...` before exporting to include the figures)."]
     ev = read_json(path)
     rows = ev.get("targets", {"": ev})
-    out = ["| target | KL to the prompted teacher, before -> after | adherence: base / prompted base / baked |",
-           "|---|---|---|"]
+    models = ("base", "prompted", "baked", "baked_reprompted")
+    out = ["| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
+           "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
+    notes = []
     for name, r in rows.items():
         kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
         a = r.get("adherence", {})
-        rates = " / ".join(rate_of(a.get(k)) for k in ("base", "prompted", "baked"))
-        out.append(f"| {name or r.get('target', '')} | {kl} | {rates} |")
+        rates = " / ".join(rate_of(a.get(k)) for k in models if k in a)
+        loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in models if k in a)
+        llr = " / ".join(f"{a[k]['llr']['mean']:+.3f}" if (a[k] or {}).get("llr", {}).get("mean") is not None else "-"
+                         for k in models if k in a)
+        out.append(f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |")
+        if "answers_per_model" in r:
+            checks = ", ".join(c.get("name", "?") for c in r.get("checks", [])) or "none declared"
+            notes.append(f"{name or r.get('target', '')}: {r['answers_per_model']} answers per model ({r['n_queries']} "
+                         f"queries x (1 greedy + {r['samples_per_query']} sampled)); checks: {checks}.")
+    if notes:
+        out.append("\nAdherence: the share of non-loop answers passing every check the prompt declares, with its 95% "
+                   "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. "
+                   + " ".join(notes))
     kept = ev.get("retention")
     if kept:
         out.append(f"\nRetention ({kept.get('questions')} arithmetic and factual questions, greedy): accuracy base "

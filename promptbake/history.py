@@ -22,7 +22,7 @@ def kl_cut(run: Path) -> float | None:
 
 
 def adherence(final: Path) -> tuple[float | None, float | None]:
-    """(baked, prompted) marker rates from the newest evaluation (eval.json, or eval_<queries>.json from
+    """(baked, prompted) adherence (metrics.headline_rate) from the newest evaluation (eval.json, or eval_<queries>.json from
     `evaluate.py --queries`), if evaluate.py ran; the first target's for several."""
     evals = sorted(final.glob("eval*.json"), key=lambda p: p.stat().st_mtime)
     if not evals:
@@ -31,7 +31,9 @@ def adherence(final: Path) -> tuple[float | None, float | None]:
     with reading(evals[-1]):
         result = next(iter(result["targets"].values())) if "targets" in result else result
         rates = result.get("adherence", {})
-        return (rates.get("baked", {}).get("marker_rate"), rates.get("prompted", {}).get("marker_rate"))
+        from .metrics import headline_rate  # here: the history table needs no torch otherwise
+
+        return headline_rate(rates.get("baked")), headline_rate(rates.get("prompted"))
 
 
 def entry(final: Path) -> dict:

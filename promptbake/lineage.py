@@ -35,7 +35,7 @@ def ancestor_entry(checkpoint: Path, info: dict) -> dict:
     return {"checkpoint": stored_path(checkpoint), "name": info["config"].get("name", checkpoint.parent.name),
             "adapter_sha256": sha256_file(checkpoint / ADAPTER_FILE), "config_sha256": info.get("config_sha256"),
             "targets": [{**{k: t.get(k) for k in ("name", "system_prompt", "system_prompt_sha256", "student_prompt",
-                                                   "data_sha256")},
+                                                   "data_sha256", "checks")},
                          # the regex its adherence was measured with: its own, else its bake's setting
                          "marker_regex": t.get("marker_regex") or info["config"].get("marker_regex", "")}
                         for t in info["targets"]]}
@@ -141,9 +141,9 @@ def merge_chain(model, lineage: list[dict], child: Path | None = None):
 
 
 def lineage_prompts(info: dict, marker_regex: str = "") -> list[dict]:
-    """Every target of the chain, oldest first, this checkpoint's own last: bake, name, prompt, marker regex
-    (an ancestor's as recorded; this checkpoint's own, else `marker_regex`)."""
+    """Every target of the chain, oldest first, this checkpoint's own last: bake, name, prompt, checks and marker
+    regex (an ancestor's as recorded; this checkpoint's own, else `marker_regex`)."""
     own = [{**t, "marker_regex": t.get("marker_regex") or marker_regex} for t in info["targets"]]
     entries = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": own}]
-    return [{"bake": e["name"], **{k: t.get(k) for k in ("name", "system_prompt", "marker_regex")}}
-            for e in entries for t in e["targets"]]
+    return [{"bake": e["name"], **{k: t.get(k) for k in ("name", "system_prompt", "marker_regex")},
+             "checks": t.get("checks") or []} for e in entries for t in e["targets"]]

@@ -2,10 +2,12 @@
 
 Iteration 1 is a normal bake of the prompt. Iteration i bakes on iteration i-1: its teacher is baked_{i-1}
 WITH the prompt, its student baked_{i-1} plus a new LoRA without it, on fresh data from that teacher. After
-each iteration the chained model, with no prompt, is measured against the ORIGINAL prompted base: adherence on
-sampled answers and full-vocabulary KL, on the first iteration's held-out queries (never trained on: every
-iteration splits the same queries with the same seed). Results go to checkpoints/<name>-pursuit/pursuit.json
-after each iteration, so a killed run resumes where it stopped: generation and bake resume themselves.
+each iteration the chained model, with no prompt, is measured against the ORIGINAL prompted base: adherence (the
+share of non-loop answers passing the prompt's declared checks; with none declared, the mean per-token LLR of its
+answers under the original base, metrics.prompt_llr) on greedy and sampled answers, and full-vocabulary KL, on the
+first iteration's held-out queries (never trained on: every iteration splits the same queries with the same seed).
+Results go to checkpoints/<name>-pursuit/pursuit.json after each iteration, so a killed run resumes where it
+stopped: generation and bake resume themselves.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from . import model as models
 from .baked import check_parent_outside_run, load_baked, read_bake_config, with_parent_model
 from .data import Row, load_prompts, read_prompt
 from .errors import UserError
-from .evaluate import eval_contexts, sample, texts_of
+from .evaluate import answer_llr, eval_contexts, sample, score_answers, target_checks, texts_of
 from .generate import generate
 from .io import read_json, reading, sha256_text, write_json
 from .lineage import BAKE_CONFIG, stored_path
-from .metrics import kl_and_agreement, marker_rate
+from .metrics import headline_rate, kl_and_agreement, mean_interval
 from .report import try_write_report
 from .teacher import build_examples
 from .train import bake, target_specs
@@ -51,6 +53,19 @@ class Reference:
     contexts: list
     examples: list
     rates: dict
+    system: str = ""
+    checks: list = dataclasses.field(default_factory=list)
+    max_seq_len: int = 512
+
+
+def adherence_of(ref: Reference, answers) -> float | None:
+    """The pursuit's figure for a list of answers: the share of non-loop ones passing every declared check; with no
+    checks declared, their mean LLR (log P(y | prompt, x) - log P(y | x) per token) under the original base."""
+    if ref.checks:
+        texts = texts_of(ref.tokenizer, answers)
+        return headline_rate(score_answers(texts, [c[-1]["content"] for c, _, _ in answers], ref.checks,
+                                           len(ref.contexts)))
+    return mean_interval(answer_llr(ref.base, ref.tokenizer, answers, ref.system, ref.max_seq_len, "pursuit"))["mean"]
 
 
 def reference(cfg, first: Path, queries: str | None, samples: int) -> Reference:
@@ -59,13 +74,15 @@ def reference(cfg, first: Path, queries: str | None, samples: int) -> Reference:
     base, tokenizer, _, _ = models.load(dataclasses.replace(cfg, init_from=""))
     contexts, _ = eval_contexts(first, queries, info["targets"][0]["name"])
     n = cfg.eval_max_new_tokens
-    prompted = sample(base, tokenizer, contexts, system, n, samples, cfg.seed)
+    prompted = sample(base, tokenizer, contexts, system, n, samples, cfg.seed, greedy=True)
     rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(prompted, 1)]
     examples, _ = build_examples(rows, tokenizer, system, "", cfg.max_seq_len, True, "pursuit queries")
-    plain = texts_of(tokenizer, sample(base, tokenizer, contexts, None, n, samples, cfg.seed))
-    rates = {"base": marker_rate(plain, cfg.markers, cfg.marker_regex),
-             "prompted": marker_rate(texts_of(tokenizer, prompted), cfg.markers, cfg.marker_regex)}
-    return Reference(base, tokenizer, contexts, examples, rates)
+    plain = sample(base, tokenizer, contexts, None, n, samples, cfg.seed, greedy=True)
+    ref = Reference(base, tokenizer, contexts, examples, {}, system, target_checks(cfg, info["targets"][0]),
+                    cfg.max_seq_len)
+    ref.rates = {"base": adherence_of(ref, plain), "prompted": adherence_of(ref, prompted),
+                 "measure": "checks" if ref.checks else "llr"}
+    return ref
 
 
 def measure(cfg, final: Path, ref: Reference, samples: int) -> dict:
@@ -73,12 +90,12 @@ def measure(cfg, final: Path, ref: Reference, samples: int) -> dict:
     model, tokenizer, info = load_baked(final, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
     system = info["targets"][0]["system_prompt"]
     n = cfg.eval_max_new_tokens
-    baked = texts_of(tokenizer, sample(model, tokenizer, ref.contexts, None, n, samples, cfg.seed))
-    reprompted = texts_of(tokenizer, sample(model, tokenizer, ref.contexts, system, n, samples, cfg.seed))
+    baked = sample(model, tokenizer, ref.contexts, None, n, samples, cfg.seed, greedy=True)
+    reprompted = sample(model, tokenizer, ref.contexts, system, n, samples, cfg.seed, greedy=True)
     kl, agree = kl_and_agreement(model, ref.examples, tokenizer.pad_token_id, teacher_model=ref.base)
-    return {"checkpoint": str(final), "adherence": marker_rate(baked, cfg.markers, cfg.marker_regex),
-            "adherence_reprompted": marker_rate(reprompted, cfg.markers, cfg.marker_regex),
-            "kl_to_prompted_base": kl, "top1_agreement": agree, "example": baked[0] if baked else ""}
+    return {"checkpoint": str(final), "adherence": adherence_of(ref, baked),
+            "adherence_reprompted": adherence_of(ref, reprompted), "kl_to_prompted_base": kl, "top1_agreement": agree,
+            "example": texts_of(tokenizer, baked[:1])[0] if baked else ""}
 
 
 def plot(state: dict, out: Path) -> Path:
@@ -94,8 +111,11 @@ def plot(state: dict, out: Path) -> Path:
     ax.plot(x, [it["adherence_reprompted"] or 0 for it in its], "s:", color="tab:orange", label="baked + prompt")
     ax.axhline(state["reference"]["prompted"] or 0, color="gray", ls="--", label="base + prompt")
     ax.set_xlabel("pursuit iteration")
-    ax.set_ylabel("adherence (marker rate)")
-    ax.set_ylim(-0.05, 1.05)
+    if state["reference"].get("measure") == "llr":
+        ax.set_ylabel("prompt score (LLR per token)")
+    else:
+        ax.set_ylabel("adherence (checks)")
+        ax.set_ylim(-0.05, 1.05)
     ax.set_xticks(x)
     ax2 = ax.twinx()
     ax2.plot(x, [it["kl_to_prompted_base"] for it in its], "^-", color="tab:blue", label="KL to base + prompt")

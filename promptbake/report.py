@@ -135,9 +135,17 @@ def eval_targets(result: dict) -> list[dict]:
     return list(result["targets"].values()) if "targets" in result else [result]
 
 
+def as_rate(x) -> dict | None:
+    """A rate of eval.json as {"rate", "ci"}: a RATE already, or an older file's bare number (no interval)."""
+    if isinstance(x, dict):
+        return x if x.get("rate") is not None else None
+    return {"rate": x, "ci": None} if isinstance(x, (int, float)) else None
+
+
 def eval_table(r: dict, retention: dict | None) -> list[dict]:
-    """The four models of one target: KL to the prompted teacher, top-1 agreement, adherence, retention.
-    The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (accuracy on
+    """The four models of one target: KL to the prompted teacher, top-1 agreement, adherence (every declared check
+    passes) on non-degenerate and on all answers, loop share, the LLR score, retention; rates with their 95%
+    intervals. The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (accuracy on
     arithmetic and factual questions, greedy, no prompt) is measured for the base and the baked model."""
     kl = {"base": r.get("kl_before"), "prompted": 0.0, "baked": r.get("kl_after"), "baked_reprompted": r.get("kl_reprompted")}
     agree = {"base": r.get("top1_agreement_before"), "prompted": 1.0, "baked": r.get("top1_agreement_after"),
@@ -149,10 +157,26 @@ def eval_table(r: dict, retention: dict | None) -> list[dict]:
         adh = r.get("adherence", {}).get(who)
         if adh is None and who not in kl:
             continue
+        adh = adh or {}
         rows.append({"who": who, "label": label.replace("base", start, 1) if who in ("base", "prompted") else label,
-                     "kl": kl[who], "top1": agree[who], "adherence": (adh or {}).get("marker_rate"),
-                     "judge": (adh or {}).get("judge_rate"), "retention": kept.get(who)})
+                     "kl": kl[who], "top1": agree[who],
+                     "adherence": as_rate(adh.get("non_degenerate", adh.get("marker_rate"))),
+                     "adherence_all": as_rate(adh.get("all")), "loop": as_rate(adh.get("loop")), "llr": adh.get("llr"),
+                     "judge": as_rate(adh.get("judge", adh.get("judge_rate"))), "retention": kept.get(who)})
     return rows
+
+
+def check_rows(r: dict) -> list[dict]:
+    """One row per declared check: what it demands, and per model the share of non-degenerate answers passing it."""
+    adh = r.get("adherence", {})
+    out = []
+    for c in r.get("checks") or []:
+        name = c.get("name")
+        demand = ", ".join(f"{k}: {v}" for k, v in c.items() if k != "name")
+        out.append({"name": name, "demand": demand,
+                    "cells": [as_rate(((adh.get(who) or {}).get("checks") or {}).get(name, {}).get("non_degenerate"))
+                              for who, _ in MODELS if who in adh]})
+    return out
 
 
 def bake_summary(rows: list[dict]) -> dict | None:
@@ -245,10 +269,15 @@ def eval_context(result: dict | None, checkpoint: Path | None) -> tuple[list[dic
         plot = png_file_uri(checkpoint / Path(r["plot"]).name) if r.get("plot") else None
         evals.append({"target": r.get("target"), "queries": r.get("queries"), "n_queries": r.get("n_queries"),
                       "samples": r.get("samples_per_query"), "n_tokens": r.get("n_tokens"),
+                      "answers": r.get("answers_per_model"), "greedy": r.get("greedy_per_query"),
                       "kl_ratio": r.get("kl_ratio"), "marker_regex": r.get("marker_regex"), "markers": r.get("markers"),
-                      "table": eval_table(r, result.get("retention")),
+                      "table": eval_table(r, result.get("retention")), "checks": check_rows(r),
+                      "has_checks": "checks" in r, "models": [label for who, label in MODELS
+                                                              if who in r.get("adherence", {})],
                       "examples": pick(r.get("examples", []), ("user", *(who for who, _ in MODELS))),
-                      "sweep": pick(r.get("sweep", []), ("point", "strength", "kl", "top1_agreement", "marker_rate")),
+                      "sweep": [{**p, "adherence": p["adherence"] if p["adherence"] is not None else p["marker_rate"]}
+                                for p in pick(r.get("sweep", []), ("point", "strength", "kl", "top1_agreement",
+                                                                   "adherence", "marker_rate", "loop_share"))],
                       "half_baking": plot, "first": i == 0})
     retention = pick([result["retention"]], ("questions", "kl_base_to_baked"))[0] if result and result.get("retention") \
         else None
@@ -266,13 +295,26 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
+def _ci(r) -> str:
+    """A rate with its 95% interval: 0.45 [0.36–0.55]; an older file's bare rate alone; a dash when missing."""
+    if not r or r.get("rate") is None:
+        return "—"
+    return f"{r['rate']:.2f}" + (f" [{r['ci'][0]:.2f}–{r['ci'][1]:.2f}]" if r.get("ci") else "")
+
+
+def _llr(m) -> str:
+    if not m or m.get("mean") is None:
+        return "—"
+    return f"{m['mean']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]"
+
+
 def environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     env = Environment(loader=PackageLoader("promptbake", "templates"), autoescape=select_autoescape(["html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                       finalize=lambda x: "—" if x is None else x)  # a value an older file lacks shows as a dash
-    env.filters.update(num=_num, pct=_pct)
+    env.filters.update(num=_num, pct=_pct, ci=_ci, llr=_llr)
     return env
 
 

@@ -8,6 +8,7 @@ train_step() with an evaluation at each epoch end, then finish(). Each phase is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -25,8 +26,9 @@ from safetensors.torch import load_file
 from . import distributed, fsdp, precision
 from .baked import BAKE_CONFIG, check_parent_outside_run, load_start, model_config_sha256, teacher_system, with_parent_model
 from .chat import render_prompt_ids
+from .checks import load_checks
 from .config import Config, to_dict
-from .data import load_rows, read_prompt
+from .data import load_rows, normalise_query, read_prompt
 from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, frozen_linears_as, response_hidden, token_pieces
@@ -48,7 +50,7 @@ TRAINER_STATE = "trainer_state.pt"
 CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
-                     "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "eval_max_new_tokens",
+                     "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "checks", "eval_max_new_tokens",
                      "model_cache_dir", "overwrite", "dist_timeout",
                      "bf16",  # like `device`: the rounding of the student's matmuls, not what is computed
                      "fsdp",  # like the number of processes: the checkpoints are the same either way
@@ -72,6 +74,8 @@ class Target:
     held_out: list[int]
     marker_regex: str = ""
     prompt: str = ""  # the prompt file's own text; `system` is what the teacher read (teacher_system)
+    prompt_file: str = ""
+    checks: list[dict] = field(default_factory=list)  # what the prompt demands (promptbake/checks.py), as dicts
 
 
 # ---------------------------------------------------------------- data and teacher
@@ -84,7 +88,7 @@ def target_specs(cfg) -> list[dict]:
         name = t.get("name") or (Path(data).stem if cfg.targets else cfg.name)
         out.append({"prompt_file": t.get("prompt_file", cfg.prompt_file), "student_prompt": t.get("student_prompt", ""),
                     "data": data, "weight": float(t.get("weight", 1.0)), "name": name,
-                    "marker_regex": t.get("marker_regex", "")})
+                    "marker_regex": t.get("marker_regex", ""), "checks": t.get("checks")})
     names = [s["name"] for s in out]
     if len(set(names)) != len(names):
         raise UserError(f"targets: two targets are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
@@ -111,14 +115,23 @@ def _answered_rows(cfg, spec, model, tokenizer, model_path: str):
     return load_rows(str(out)), str(out)
 
 
+def held_out_score(group: str, seed: int) -> float:
+    """Where a query falls in [0, 1): a hash of its normalised text (data.normalise_query) and the seed. It depends
+    on nothing else, so a query stays on its side of the split when other queries are added or dropped."""
+    digest = hashlib.sha256(f"{seed}\0{normalise_query(orjson.loads(group))}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Splits by query, not by row: samples of a held-out query are never trained on."""
+    """Splits by query, not by row: samples of a held-out query are never trained on. A query is held out when its
+    hash score is under `fraction` (about that share of the queries, each decided on its own: stable under added or
+    dropped queries, and the same query written twice lands on one side). With 4 queries or more and none under
+    `fraction`, the lowest-scored one is held out, so a small set is still measured."""
     groups = sorted({e.group for e in examples})
-    random.Random(seed).shuffle(groups)
-    n_eval = int(round(len(groups) * fraction)) if fraction > 0 else 0
-    if fraction > 0 and len(groups) >= 4:
-        n_eval = max(n_eval, 1)
-    held = set(groups[:n_eval])
+    score = {g: held_out_score(g, seed) for g in groups}
+    held = {g for g in groups if score[g] < fraction}
+    if fraction > 0 and not held and len(groups) >= 4:
+        held = {min(groups, key=score.__getitem__)}
     train = [i for i, e in enumerate(examples) if e.group not in held]
     if not train:
         raise UserError(f"eval_fraction={fraction} leaves no training rows; lower it or add data")
@@ -156,7 +169,8 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
     print(f"target {spec['name']}: {len(train)} train rows, {len(held_out)} held-out rows, "
           f"{sum(e.n_response for e in examples)} response tokens, cache {teacher.bytes_per_token:.0f} B/token")
     return Target(spec["name"], system, spec["student_prompt"], Path(data_file), spec["weight"], examples, teacher,
-                  train, held_out, spec["marker_regex"], own)
+                  train, held_out, spec["marker_regex"], own, spec["prompt_file"],
+                  [c.as_dict() for c in load_checks(cfg, spec)])
 
 
 def check_inputs(cfg, tokenizer) -> list[dict]:
@@ -167,6 +181,7 @@ def check_inputs(cfg, tokenizer) -> list[dict]:
     specs = target_specs(cfg)
     for spec in specs:
         read_prompt(spec["prompt_file"])
+        load_checks(cfg, spec)  # a mistake in the checks stops the bake before it starts, not at evaluate
         spec["rows"] = load_rows(spec["data"], strip_system=cfg.strip_system)
     return specs
 
@@ -245,7 +260,8 @@ def bake_info(cfg, targets: list[Target], model_path: str, base_model, lineage: 
             "targets": [{"name": t.name, "system_prompt": t.prompt, "system_prompt_sha256": sha256_text(t.prompt),
                          **({"teacher_prompt": t.system} if t.system != t.prompt else {}),
                          "student_prompt": t.student_prompt, "data": str(t.data), "data_sha256": sha256_file(t.data),
-                         "weight": t.weight, "marker_regex": t.marker_regex, "train_rows": len(t.train),
+                         "weight": t.weight, "marker_regex": t.marker_regex, "prompt_file": t.prompt_file,
+                         "checks": t.checks, "train_rows": len(t.train),
                          "held_out_rows": len(t.held_out)} for t in targets]}
 
 

@@ -85,7 +85,7 @@ def test_half_baking_sweeps_strengths_and_every_saved_step(runs, tiny_model_dir,
     steps = sorted(int(p.name.split("-")[1]) for p in final.parent.glob("step-*"))
     assert [p["strength"] for p in r["sweep"] if p["step"] is None] == [0.0, 1.0]
     assert [p["step"] for p in r["sweep"] if p["step"] is not None] == steps and steps
-    assert all(p["kl"] >= 0 and 0 <= p["marker_rate"] <= 1 for p in r["sweep"])
+    assert all(p["kl"] >= 0 and 0 <= p["adherence"] <= 1 for p in r["sweep"])
     at = {p["point"]: p for p in r["sweep"]}
     assert at["strength 1"]["kl"] == pytest.approx(at[f"step-{steps[-1]}"]["kl"], rel=1e-4)  # the last step is final
     assert at["strength 0"]["kl"] != pytest.approx(at["strength 1"]["kl"], rel=1e-3)

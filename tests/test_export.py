@@ -349,3 +349,27 @@ def test_a_model_family_llama_cpp_lacks_is_skipped_and_the_rest_written(baked, t
     with pytest.raises(UserError, match="No space left"):
         export(make_cfg(), str(baked["a"]), "merged,gguf", str(tmp_path / "h"))
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["e"]
+
+
+def test_model_card_figures_read_the_new_eval_shape_and_the_old(tmp_path):
+    from promptbake.export import eval_lines
+    from promptbake.metrics import rate
+
+    def adh(k, n, loops, llr):
+        return {"answers": n, "loop": rate([True] * loops + [False] * (n - loops)),
+                "non_degenerate": rate([True] * k + [False] * (n - loops - k)), "llr": {"mean": llr, "ci": [0, 1], "n": n}}
+
+    new = {"target": "pirate", "kl_before": 0.5, "kl_after": 0.1, "n_queries": 10, "samples_per_query": 3,
+           "answers_per_model": 40, "checks": [{"starts_with": "Arr!", "name": "begins with Arr!"}],
+           "adherence": {"base": adh(0, 40, 0, -0.8), "prompted": adh(27, 40, 10, 0.5), "baked": adh(24, 40, 10, 0.3),
+                         "baked_reprompted": adh(38, 40, 0, 0.6)}}
+    (tmp_path / "eval.json").write_bytes(orjson.dumps(new))
+    text = "\n".join(eval_lines(tmp_path))
+    assert "| pirate | 0.5000 -> 0.1000 | 0.00 [0.00-0.09] / 0.90 [0.74-0.97] / 0.80 [0.63-0.90] / 0.95 [0.83-0.99] |" \
+           " 0.00 [0.00-0.09] / 0.25 [0.14-0.40] / 0.25 [0.14-0.40] / 0.00 [0.00-0.09] | -0.800 / +0.500 / +0.300 / " \
+           "+0.600 |" in text
+    assert "40 answers per model (10 queries x (1 greedy + 3 sampled)); checks: begins with Arr!." in text
+    old = {"target": "pirate", "kl_before": 0.5, "kl_after": 0.1,
+           "adherence": {"base": {"marker_rate": 0.0}, "prompted": {"marker_rate": 0.9}, "baked": {"marker_rate": 0.8}}}
+    (tmp_path / "eval.json").write_bytes(orjson.dumps(old))
+    assert "| pirate | 0.5000 -> 0.1000 | 0.00 / 0.90 / 0.80 | - / - / - | - / - / - |" in eval_lines(tmp_path)

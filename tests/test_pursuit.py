@@ -73,3 +73,7 @@ def test_history_reads_the_newest_evaluation(tmp_path):
     write_json(tmp_path / "eval_unseen.json", rates(0.5, 0.6))  # evaluate.py --queries unseen.txt, later
     os.utime(tmp_path / "eval.json", (1, 1))
     assert adherence(tmp_path) == (0.5, 0.6)
+    # the newer shape: the share of non-loop answers passing the checks
+    new = {"adherence": {"baked": {"non_degenerate": {"rate": 0.3}}, "prompted": {"non_degenerate": {"rate": 0.4}}}}
+    write_json(tmp_path / "eval_sealed.json", new)
+    assert adherence(tmp_path) == (0.3, 0.4)

@@ -14,6 +14,7 @@ from helpers import script
 
 from promptbake import report
 from promptbake.evaluate import plot_sweep
+from promptbake.metrics import rate
 from promptbake.pursuit import plot as plot_pursuit
 
 PROMPT = 'You are a pirate. Always begin every reply with "Arr!" and talk like a pirate.'
@@ -60,6 +61,15 @@ def write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
+def fake_adherence(follows: int, loops: int, llr: float, n: int = 40) -> dict:
+    """One model's adherence as evaluate.py writes it: `follows` of the n - `loops` non-loop answers pass."""
+    hits = [True] * follows + [False] * (n - loops - follows)
+    return {"answers": n, "greedy_answers": n // 4, "loop": rate([True] * loops + [False] * (n - loops)),
+            "non_degenerate": rate(hits), "all": rate(hits + [False] * loops),
+            "checks": {"begins with Arr!": {"all": rate(hits + [False] * loops), "non_degenerate": rate(hits)}},
+            "llr": {"mean": llr, "ci": [llr - 0.1, llr + 0.1], "n": n}}
+
+
 def fake_run(root: Path, name: str = "pirate") -> Path:
     """A finished run as bake.py, evaluate.py --strengths and pursue.py leave it, numbers made up, no model."""
     run = root / "checkpoints" / name
@@ -81,14 +91,15 @@ def fake_run(root: Path, name: str = "pirate") -> Path:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write(run / "timings.json", {"epoch_1_s": 120.5, "total_s": 301.0})
     sweep = [{"point": f"strength {s:g}", "strength": s, "kl": 0.6 * (1 - s) ** 2 + 0.07, "top1_agreement": 0.5 + 0.3 * s,
-              "marker_rate": min(1.0, 0.8 * s)} for s in (0, 0.5, 1, 1.5)]
+              "adherence": min(1.0, 0.8 * s), "loop_share": 0.1} for s in (0, 0.5, 1, 1.5)]
     plot_sweep(sweep, run / "final" / "half_baking.png")
     result = {"target": name, "queries": f"checkpoints/{name}/held_out.jsonl", "n_queries": 10, "n_tokens": 812,
               "kl_before": 0.6123, "kl_after": 0.0712, "kl_ratio": 0.0712 / 0.6123, "kl_reprompted": 0.0345,
               "top1_agreement_before": 0.521, "top1_agreement_after": 0.834, "top1_agreement_reprompted": 0.901,
-              "adherence": {"base": {"marker_rate": 0.0}, "prompted": {"marker_rate": 0.9}, "baked": {"marker_rate": 0.8},
-                            "baked_reprompted": {"marker_rate": 0.95}},
-              "markers": ["Arr"], "marker_regex": r"\barr\b", "samples_per_query": 3, "adherence_answers": 30,
+              "adherence": {"base": fake_adherence(0, 0, -0.8), "prompted": fake_adherence(27, 10, 0.5),
+                            "baked": fake_adherence(24, 10, 0.3), "baked_reprompted": fake_adherence(38, 0, 0.6)},
+              "checks": [{"starts_with": "Arr!", "name": "begins with Arr!"}], "answers_per_model": 40,
+              "greedy_per_query": 1, "samples_per_query": 3,
               "examples": EXAMPLES, "start_model": "parent", "sweep": sweep,
               "plot": f"checkpoints/{name}/final/half_baking.png",
               "lineage": [{"bake": "brief", "target": "brief", "prompt": PARENT_PROMPT, "marker_regex": "",
@@ -120,10 +131,15 @@ def test_report_shows_every_section(tmp_path):
     # the evaluation table: four models, each with KL, top-1 agreement, adherence and retention
     rows = re.findall(r"<tr class=\"[a-z]*\"><td>(.*?)</td>(.*?)</tr>", out.read_text(), re.S)
     cells = {label: re.findall(r"<td class=\"n\">(.*?)</td>", rest) for label, rest in rows}
-    assert cells == {"parent, no prompt": ["0.6123", "0.521", "0.00", "0.54"],
-                     "parent + prompt": ["0.0000", "1.000", "0.90", "—"],
-                     "baked, no prompt": ["0.0712", "0.834", "0.80", "0.50"],
-                     "baked + prompt": ["0.0345", "0.901", "0.95", "—"]}
+    assert cells["parent, no prompt"] == ["0.6123", "0.521", "0.00 [0.00–0.09]", "0.00 [0.00–0.09]",
+                                          "0.00 [0.00–0.09]", "-0.800 [-0.900, -0.700]", "0.54"]
+    assert cells["parent + prompt"][:5] == ["0.0000", "1.000", "0.90 [0.74–0.97]", "0.68 [0.52–0.80]",
+                                           "0.25 [0.14–0.40]"]
+    assert cells["baked, no prompt"][2] == "0.80 [0.63–0.90]" and cells["baked, no prompt"][-1] == "0.50"
+    assert cells["baked + prompt"][2] == "0.95 [0.83–0.99]"
+    # one row per declared check, with what it demands and its rate per model
+    assert "begins with Arr! starts_with: Arr! 0.00 [0.00–0.09] 0.90 [0.74–0.97] 0.80 [0.63–0.90]" in text
+    assert "40 answers per model, 1 greedy and 3 sampled" in text
     assert "KL(base ‖ baked) there 0.0431" in text and "88% lower than the base's" in text
     # answers side by side, the half-baking sweep, lineage adherence, pursuit, config
     for x in EXAMPLES[:1]:
@@ -188,6 +204,24 @@ def test_several_targets_each_get_a_table(tmp_path):
     html = report.write_report(run).read_text()
     assert "target pirate" in html and "target french" in html
     assert html.count('<table class="eval">') == 2
+
+
+def test_an_older_marker_rate_file_still_renders(tmp_path):
+    run = fake_run(tmp_path)
+    result = json.loads((run / "final" / "eval.json").read_text())
+    for key in ("checks", "answers_per_model", "greedy_per_query"):
+        result.pop(key)
+    result["adherence"] = {who: {"marker_rate": x} for who, x in (("base", 0.0), ("prompted", 0.9), ("baked", 0.8))}
+    result["marker_regex"] = r"\barr\b"
+    result["sweep"] = [{"point": "strength 1", "strength": 1, "kl": 0.1, "top1_agreement": 0.5, "marker_rate": 0.7}]
+    write(run / "final" / "eval.json", result)
+    html = report.write_report(run).read_text()
+    rows = re.findall(r"<tr class=\"[a-z]*\"><td>(.*?)</td>(.*?)</tr>", html, re.S)
+    cells = {label: re.findall(r"<td class=\"n\">(.*?)</td>", rest) for label, rest in rows}
+    assert cells["baked, no prompt"] == ["0.0712", "0.834", "0.80", "0.50"]
+    text = Page(html).plain
+    assert "answers that match \\barr\\b" in text
+    assert "0.1000 0.500 0.70" in text and "None" not in text
 
 
 def test_older_files_with_fewer_fields_still_render(tmp_path):

@@ -25,7 +25,8 @@ def write_data(path, qa=QA):
 
 
 def cfg_for(model_dir, **kw):
-    base = dict(model_name_or_path=model_dir, num_epochs=2, batch_size=4, save_steps=2, eval_fraction=0.25,
+    # eval_fraction 0.15: the hash split (train.split_held_out, seed 0) holds out 3 of QA's 12 queries, leaving 9
+    base = dict(model_name_or_path=model_dir, num_epochs=2, batch_size=4, save_steps=2, eval_fraction=0.15,
                 learning_rate=1e-2, top_k=8, teacher_batch_size=4)
     base.update(kw)
     return make_cfg(**base)
@@ -229,7 +230,16 @@ def test_evaluate_writes_documented_fields_and_sweep(workdir, tiny_model_dir):
     assert saved["sweep"][0]["kl"] == pytest.approx(result["kl_before"], rel=1e-5)
     assert saved["sweep"][1]["kl"] == pytest.approx(result["kl_after"], rel=1e-5)
     assert (final / "half_baking.png").exists()
-    assert 0.0 <= saved["adherence"]["baked"]["marker_rate"] <= 1.0
+    assert saved["checks"] == [{"matches": r"\barr\b", "name": "marker_regex"}]
+    for who in ("base", "prompted", "baked", "baked_reprompted"):  # the same answers for every model: 1 greedy + 1
+        a = saved["adherence"][who]
+        assert a["answers"] == saved["answers_per_model"] == 2 * saved["n_queries"] and a["greedy_answers"] == saved["n_queries"]
+        assert a["all"]["n"] == a["answers"] and 0.0 <= a["all"]["rate"] <= 1.0
+        assert a["all"]["ci"][0] <= a["all"]["rate"] <= a["all"]["ci"][1]
+        assert a["non_degenerate"]["n"] == a["answers"] - a["loop"]["k"]
+        assert set(a["checks"]) == {"marker_regex"} and a["llr"]["n"] > 0
+    assert saved["adherence"]["prompted"]["llr"]["mean"] > saved["adherence"]["base"]["llr"]["mean"]
+    assert 0.0 <= saved["sweep"][0]["adherence"] <= 1.0 and "loop_share" in saved["sweep"][0]
     assert {"accuracy_base", "accuracy_baked", "kl_base_to_baked"} <= set(saved["retention"])
 
 
@@ -282,7 +292,8 @@ def test_each_target_gets_its_own_evaluation_and_demo(workdir, tiny_model_dir, m
     final = train.bake(cfg)
     both = evaluate(cfg, str(final), samples=1)
     assert set(both["targets"]) == {"pirate", "french"}
-    assert both["targets"]["french"]["marker_regex"] == "bonjour" and both["targets"]["pirate"]["kl_before"] > 0
+    assert [c["name"] for c in both["targets"]["french"]["checks"]] == ["marker_regex"]
+    assert both["targets"]["french"]["checks"][0]["matches"] == "bonjour" and both["targets"]["pirate"]["kl_before"] > 0
     french_queries = {r["messages"][0]["content"] for _, r in read_jsonl(final.parent / "held_out.jsonl")
                       if r["target"] == "french"}
     assert {e["user"] for e in both["targets"]["french"]["examples"]} <= french_queries

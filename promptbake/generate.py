@@ -59,8 +59,9 @@ class TopKRecorder:
 
 @torch.inference_mode()
 def _generate(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-              top_p: float = 1.0, seed: int | None = None, keep_topk: int = 0) -> list[tuple]:
-    """(response ids, complete, top-K or None) per prompt; see generate_ids."""
+              top_p: float = 1.0, seed: int | None = None, keep_topk: int = 0, min_p: float = 0.0) -> list[tuple]:
+    """(response ids, complete, top-K or None) per prompt; see generate_ids. `min_p` drops tokens whose (tempered)
+    probability is under min_p times the top token's: a hot temperature then stays legible."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     input_ids, attention_mask = pad_left(prompts, pad, device)
@@ -68,7 +69,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], *, temperature: float,
     stops = stop_ids(tokenizer, model)
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=min_p or None) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with TopKRecorder(model, keep_topk) if keep_topk else contextlib.nullcontext() as rec:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,

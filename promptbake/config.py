@@ -84,14 +84,28 @@ class Config:
     concurrency: int = num(8, 1, 1024)  # API requests in flight
     request_timeout: float = num(120.0, 0, 3600, lo_open=True)  # seconds per API request
     max_retries: int = num(6, 0, 100)  # retries per request on 408/409/429/5xx and connection errors
-    prompts: str = "builtin"  # builtin | a file (.txt/.json/.jsonl) | a HF dataset id or folder
-    training_prompts: list[str] = items(list, multi=True)  # inline prompts (repeat the flag); override `prompts`
-    generate_queries: int = num(0, 0, 100_000)  # >0: let the model write this many queries fitting the system prompt
-    num_queries: int = num(0, 0, 10_000_000)  # use the first N prompts (0 = all)
-    samples_per_query: int = num(1, 1, 1000)  # samples per (query, temperature)
-    temperatures: list[float] = items(lambda: [0.7, 1.0], 0, 5)  # sampling temperatures (0 = greedy)
-    max_new_tokens: int = num(64, 1, 32768)  # response length cap; a response cut here is marked truncated
+    # Where the queries come from. The default mix (prompts "" and no training_prompts): `query_mix`, shares of
+    # num_queries from: prompt = questions about the prompt's own content (data/<name>.queries.txt: read and edit it,
+    # a file there is reused as is), generic = real questions people wrote (benchdata), builtin = the 120 built-in
+    # conversational ones, user = prompts/training_prompts. Your own prompts replace the mix unless it names `user`.
+    prompts: str = ""  # "" = the mix | builtin | a file (.txt/.json/.jsonl) | a HF dataset id or folder
+    training_prompts: list[str] = items(list, multi=True)  # inline prompts (repeat the flag); your own, like `prompts`
+    query_mix: str = "prompt:0.4,generic:0.3,builtin:0.3"  # source:share, comma separated; shares are normalised
+    # Who writes the prompt-aware queries: frames = question frames filled from the prompt's sentences (free,
+    # always on topic); model = the generating model writes them, frames top up what its filter drops; auto = model
+    # with an API backend, frames with the local one (the 135M model writes few usable ones: README)
+    query_writer: str = "auto"
+    generate_queries: int = num(0, 0, 100_000)  # >0: this many prompt-aware queries alone, instead of the mix
+    num_queries: int = num(0, 0, 10_000_000)  # queries in the mix (0 = 48), or the first N of your own (0 = all)
+    samples_per_query: int = num(2, 1, 1000)  # samples per (query, temperature)
+    # Sampling temperatures (0 = greedy). The paper samples at 2.0: a hot answer visits prefixes a cool one never
+    # does, and the loss still uses the teacher's whole distribution there; min_p keeps a small model legible at 2.0
+    temperatures: list[float] = items(lambda: [1.0, 2.0], 0, 5)
+    min_p: float = num(0.1, 0, 1)  # drop tokens under min_p x the top token's probability (after temperature); 0 = off
+    # Answer length cap; a response cut here is marked truncated. -1 = 160 on CPU (make bake's time), 256 on a GPU
+    max_new_tokens: int = num(-1, -1, 32768)
     top_p: float = num(1.0, 0, 1, lo_open=True)
+    drop_loops: bool = True  # drop answers that loop (a repeated run of words): their topk entries are then unused
     gen_batch_size: int = num(32, 1, 4096)  # local backend: rows generated together (left padding)
     overwrite: bool = False  # regenerate data even if it was made with other settings
     strip_system: bool = False  # drop system messages found in paired data instead of refusing
@@ -164,7 +178,10 @@ CHOICES = {
     "wandb_mode": ["", "online", "offline", "disabled"],
     "bf16": ["auto", "on", "off"],
     "chain_teacher": ["lineage", "new"],
+    "query_writer": ["auto", "frames", "model"],
 }
+QUERY_SOURCES = ("prompt", "generic", "builtin", "user")
+CPU_MAX_NEW_TOKENS, GPU_MAX_NEW_TOKENS = 160, 256
 TARGET_KEYS = {"prompt_file": str, "student_prompt": str, "data": str, "weight": float, "name": str,
                "marker_regex": str, "checks": list}
 TARGET_WEIGHT = Range(0, 1e6, lo_open=True)
@@ -265,9 +282,34 @@ def validate(cfg: Config, where: str = "config") -> Config:
     if not cfg.temperatures:
         raise ConfigError(f"{where}: `temperatures` is empty; give at least one, e.g. --temperatures 0.7")
     _check_targets(cfg.targets, where)
+    parse_mix(cfg.query_mix, where)
     _check_regex(cfg.marker_regex, f"{where}: `marker_regex`")
     _check_checks(cfg.checks, where)
     return cfg
+
+
+def parse_mix(text: str, where: str = "config") -> dict[str, float]:
+    """`prompt:0.4,generic:0.3,builtin:0.3` -> {source: share}, the shares normalised to sum to 1."""
+    mix = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, share = part.partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if name.strip() not in QUERY_SOURCES or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}: `query_mix` part {part!r} must be source:share with a source in "
+                              f"{list(QUERY_SOURCES)} and a share >= 0, e.g. prompt:0.4,generic:0.3,builtin:0.3")
+        mix[name.strip()] = mix.get(name.strip(), 0.0) + value
+    total = sum(mix.values())
+    if total <= 0:
+        raise ConfigError(f"{where}: `query_mix` is {_show(text)}; give at least one source a share above 0")
+    return {k: v / total for k, v in mix.items() if v > 0}
+
+
+def resolve_max_new_tokens(value: int, device: str) -> int:
+    """max_new_tokens, with -1 resolved by device: whole answers on a GPU, make bake's time budget on a CPU."""
+    return value if value > 0 else CPU_MAX_NEW_TOKENS if device == "cpu" else GPU_MAX_NEW_TOKENS
 
 
 def _check_regex(regex: str, what: str) -> None:

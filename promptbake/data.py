@@ -86,6 +86,7 @@ class Row:
     response_ids: list[int] | None = None  # the teacher's own token ids, when the local backend kept them
     complete: bool = True  # False: cut at max_new_tokens, so no end-of-turn is trained
     key: tuple | None = None  # (query, sample index, temperature) of generated rows
+    source: str = ""  # where the query came from: prompt | generic | builtin | user (generate.gather_queries)
 
 
 class Skip(NamedTuple):

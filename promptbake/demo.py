@@ -9,7 +9,7 @@ from transformers import TextStreamer
 
 from .baked import latest_checkpoint, load_baked
 from .chat import check_fits, model_context, render_prompt_ids, stop_ids
-from .config import STRENGTH, TEMPERATURE, check_range
+from .config import STRENGTH, TEMPERATURE, check_range, resolve_max_new_tokens
 from .errors import UserError
 
 
@@ -60,7 +60,8 @@ def stream_answer(model, tokenizer, messages: list[dict], system: str | None, cf
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     streamer = Tee()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+    max_new_tokens = resolve_max_new_tokens(cfg.max_new_tokens, ids.device.type)  # -1: by device
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer, model), streamer=streamer,
                    **sampling)
     return streamer.text.strip()

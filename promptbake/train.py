@@ -58,7 +58,8 @@ RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wan
 # Settings of the data stage: what they change is in the data, whose hash a resumed run compares instead.
 DATA_SETTINGS = {"backend", "api_base_url", "api_model", "concurrency", "request_timeout", "max_retries", "prompts",
                  "training_prompts", "generate_queries", "num_queries", "samples_per_query", "temperatures",
-                 "max_new_tokens", "top_p", "gen_batch_size", "max_prompt_tokens"}
+                 "max_new_tokens", "top_p", "gen_batch_size", "max_prompt_tokens", "query_mix", "query_writer", "min_p",
+                 "drop_loops"}
 
 
 @dataclass

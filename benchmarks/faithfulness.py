@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from promptbake.config import FIELDS
+
 ROOT = Path(__file__).resolve().parent.parent
 KINDS_DIR = ROOT / "benchmarks" / "faithfulness"
 KINDS = ("persona", "facts", "format", "policy", "signoff")
@@ -35,6 +37,7 @@ RESULTS = ROOT / "benchmarks" / "faithfulness_results.json"
 WORK = ROOT / "benchmarks" / "runs" / "faithfulness"
 EVAL_SAMPLES = 2  # sampled answers per question and model, beside the greedy one
 MODELS = ("base", "prompted", "baked", "baked_reprompted")
+NO_RETENTION = ["--retention_items", "0"] if "retention_items" in FIELDS else []  # measured once, on the kind's run
 
 
 # ---------------------------------------------------------------- running the stages
@@ -78,10 +81,16 @@ def evaluate_kind(kind: str, work: Path, final: Path, queries: Path, settings: l
 
 # ---------------------------------------------------------------- the figures
 def rate_cell(r: dict | None) -> str:
-    """'0.62 [0.51, 0.72]' from an eval.json rate {rate, lo, hi}; '-' where not measured."""
+    """'0.62 [0.51-0.72]' from an eval.json RATE {k, n, rate, ci}; '-' where not measured."""
     if not isinstance(r, dict) or r.get("rate") is None:
         return "-"
-    return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+    return f"{r['rate']:.2f} [{r['ci'][0]:.2f}-{r['ci'][1]:.2f}]"
+
+
+def llr_cell(m: dict | None) -> str:
+    if not isinstance(m, dict) or m.get("mean") is None:
+        return "-"
+    return f"{m['mean']:+.2f}"
 
 
 def kl_cut(ev: dict) -> float | None:
@@ -90,14 +99,15 @@ def kl_cut(ev: dict) -> float | None:
 
 
 def summarise(own: dict, generic: dict) -> dict:
-    """One kind's row from its two evaluations (eval.json's shape: promptbake/evaluate.py)."""
+    """One kind's row from its two evaluations (eval.json's shape: the docstring of promptbake/evaluate.py)."""
     adherence = own.get("adherence", {})
-    row = {"n_questions": own.get("questions"), "answers_per_model": own.get("answers_per_model"),
+    per_model = {m: adherence.get(m) or {} for m in MODELS}
+    row = {"n_queries": own.get("n_queries"), "answers_per_model": own.get("answers_per_model"),
            "kl_cut_own": kl_cut(own), "kl_cut_generic": kl_cut(generic),
-           "checks_clean": {m: (adherence.get(m) or {}).get("clean") for m in MODELS},
-           "checks_all": {m: (adherence.get(m) or {}).get("all") for m in MODELS},
-           "loop_share": {m: (adherence.get(m) or {}).get("loop_share") for m in MODELS},
-           "llr": {m: (own.get("llr") or {}).get(m) for m in MODELS},
+           "checks_clean": {m: a.get("non_degenerate") for m, a in per_model.items()},
+           "checks_all": {m: a.get("all") for m, a in per_model.items()},
+           "loop_share": {m: a.get("loop") for m, a in per_model.items()},
+           "llr": {m: a.get("llr") for m, a in per_model.items()},
            "retention": own.get("retention")}
     prompted, baked = (row["checks_clean"].get(k) or {} for k in ("prompted", "baked"))
     row["baked_over_prompted"] = (baked["rate"] / prompted["rate"]) if prompted.get("rate") and \
@@ -109,9 +119,10 @@ def print_table(results: dict) -> None:
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for tag, kinds in results.items():
         print(f"\n## {tag} (commit {kinds.get('_commit', '?')})\n")
-        print("| kind | checks, non-degenerate: base / prompted / baked / baked re-prompted | baked/prompted | "
-              "loop share prompted / baked | KL cut own / generic | retention vs base / prompted |")
-        print("|---|---|---|---|---|---|")
+        print("| kind | checks, non-degenerate answers: base / prompted / baked / baked re-prompted (95% CI) | "
+              "baked/prompted | loop share prompted / baked | LLR prompted / baked | KL cut own / generic | "
+              "retention vs base / prompted |")
+        print("|---|---|---|---|---|---|---|")
         for kind in KINDS:
             r = kinds.get(kind)
             if not r:
@@ -119,10 +130,11 @@ def print_table(results: dict) -> None:
             checks = " / ".join(rate_cell(r["checks_clean"].get(m)) for m in MODELS)
             loops = " / ".join(rate_cell(r["loop_share"].get(m)) for m in ("prompted", "baked"))
             ratio = "-" if r["baked_over_prompted"] is None else f"{r['baked_over_prompted']:.2f}"
+            llr = " / ".join(llr_cell(r["llr"].get(m)) for m in ("prompted", "baked"))
             ret = r.get("retention") or {}
             kept = " / ".join("-" if ret.get(k) is None else f"{ret[k]:.2f}" for k in ("vs_base", "vs_prompted"))
-            print(f"| {kind} | {checks} | {ratio} | {loops} | {pct(r['kl_cut_own'])} / {pct(r['kl_cut_generic'])} "
-                  f"| {kept} |")
+            print(f"| {kind} | {checks} | {ratio} | {loops} | {llr} | {pct(r['kl_cut_own'])} / "
+                  f"{pct(r['kl_cut_generic'])} | {kept} |")
 
 
 def commit() -> str:
@@ -152,7 +164,7 @@ def main():
         t0 = time.time()
         final, seconds = bake_kind(kind, work, settings)
         own = evaluate_kind(kind, work, final, KINDS_DIR / f"{kind}.txt", settings)
-        generic = evaluate_kind(kind, work, final, GENERIC, [*settings, "--retention_items", "0"])
+        generic = evaluate_kind(kind, work, final, GENERIC, [*settings, *NO_RETENTION])
         row = {**summarise(own, generic), **seconds, "seconds": round(time.time() - t0, 1), "settings": args.set}
         results.setdefault(args.tag, {})[kind] = row
         results[args.tag]["_commit"] = commit()

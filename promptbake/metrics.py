@@ -3,6 +3,7 @@ agreement, and adherence (does an answer show the baked behaviour)."""
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import nullcontext
 
@@ -50,3 +51,26 @@ def marker_rate(texts: list[str], markers: list[str], regex: str) -> float | Non
     if not (markers or regex) or not texts:
         return None
     return sum(follows(t, markers, regex) for t in texts) / len(texts)
+
+
+# ---------------------------------------------------------------- intervals
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a rate k/n (95% by default); None when n is 0. Unlike k/n +- 1.96 SE it stays
+    inside [0, 1] and is not empty at 0/n or n/n."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(hits: list[bool | None]) -> dict:
+    """{"k", "n", "rate", "ci"} of a list of pass/fail (None: not counted). rate and ci are None when n is 0."""
+    counted = [h for h in hits if h is not None]
+    k, n = sum(counted), len(counted)
+    ci = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else None, "ci": list(ci) if ci else None}

@@ -137,12 +137,14 @@ def eval_targets(result: dict) -> list[dict]:
 
 def eval_table(r: dict, retention: dict | None) -> list[dict]:
     """The four models of one target: KL to the prompted teacher, top-1 agreement, adherence, retention.
-    The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (accuracy on
-    arithmetic and factual questions, greedy, no prompt) is measured for the base and the baked model."""
+    The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (multiple-choice
+    accuracy on standard benchmarks, retention.py) is measured for the base, the prompted base and the baked model."""
     kl = {"base": r.get("kl_before"), "prompted": 0.0, "baked": r.get("kl_after"), "baked_reprompted": r.get("kl_reprompted")}
     agree = {"base": r.get("top1_agreement_before"), "prompted": 1.0, "baked": r.get("top1_agreement_after"),
              "baked_reprompted": r.get("top1_agreement_reprompted")}
-    kept = {"base": (retention or {}).get("accuracy_base"), "baked": (retention or {}).get("accuracy_baked")}
+    accuracy = (retention or {}).get("accuracy", {})
+    kept = {who: (accuracy.get(key) or {}).get("rate") for who, key in
+            (("base", "reference"), ("prompted", "prompted"), ("baked", "baked"))}
     start = "parent" if r.get("start_model") == "parent" else "base"
     rows = []
     for who, label in MODELS:
@@ -232,8 +234,9 @@ def load_context(run_dir: Path, checkpoint: Path | None) -> dict:
     timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
     targets = pick(info.get("targets", []), ("name", "weight", "system_prompt", "student_prompt", "train_rows",
                                              "held_out_rows", "data", "marker_regex"))
-    retention = pick([result["retention"]], ("questions", "kl_base_to_baked"))[0] if result and result.get("retention") \
-        else None
+    retention = pick([result["retention"]], ("n_items", "tasks", "reference", "retention_vs_reference",
+                                             "retention_vs_prompted", "kl_reference_to_baked"))[0] \
+        if result and "accuracy" in result.get("retention", {}) else None
     return {"name": config.get("name") or run_dir.name, "run_dir": str(run_dir),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "generated": time.strftime("%Y-%m-%d %H:%M"), "base_model": info.get("base_model_path"),

@@ -176,7 +176,14 @@ def retention(model, tokenizer, tasks: list[str], items_per_task: int, system: s
               reference: str = "base", seed: int = 0) -> dict:
     """Accuracy of the reference, prompted and baked models on `items_per_task` items of each task, with 95%
     Wilson intervals, per task and pooled; the two retention ratios; KL(reference || prompted / baked).
-    `reference` labels the model with its adapter off: "base", or "parent" for a chained bake."""
+    `reference` labels the model with its adapter off: "base", or "parent" for a chained bake.
+
+    The result, as eval.json's "retention" holds it (evaluate.py adds "target", the target whose prompt it is):
+      reference: "base" | "parent";  n_items;  format;  seconds;  n_tokens (continuation tokens, all choices)
+      accuracy: {"reference" | "prompted" | "baked": {"k", "n", "rate", "ci": [lo, hi]}}, pooled over all items
+      retention_vs_reference, retention_vs_prompted: baked rate / that model's rate (None when it is 0)
+      kl_reference_to_baked, kl_reference_to_prompted: mean full-vocabulary KL per continuation token
+      tasks: {task: {"n_items", "metric" (acc_raw | acc_per_char), "accuracy": as above, "kl_reference_to_baked"}}"""
     t0 = time.time()
     per_task, hits = {}, {who: [] for who in MODELS}
     kl_sum, n_tokens = {"prompted": 0.0, "baked": 0.0}, 0

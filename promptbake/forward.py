@@ -16,6 +16,7 @@ attention soft-capping (Gemma 2, eager attention) is not in sdpa, so such models
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -114,6 +115,10 @@ def frozen_linears_as(model, dtype: torch.dtype | None):
 class SharedPrefix:
     ids: list[int]
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [kv_heads, len, head_dim]
+    # Optional, after `ids`: G contexts of their own (`hidden_after_contexts`), row b reading context row_group[b]
+    row_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [G, kv_heads, W, head_dim]
+    row_mask: torch.Tensor | None = None  # [G, W] bool: the contexts' real keys (they are left padded)
+    row_group: torch.Tensor | None = None  # [B] long
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **kwargs):
@@ -135,6 +140,15 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     value = torch.cat([prefix_v.unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
     allowed = _allowed(attention_mask, width, query.device).expand(batch, -1, -1, -1)
     to_prefix = _prefix_columns(kwargs, len(shared_prefix.ids), prefix_k.shape[1], batch, width, query.device)
+    if shared_prefix.row_layers is not None:  # each row's own context, between the shared prefix and the row
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError("per-row contexts in sliding-window layers")
+        group = shared_prefix.row_group
+        row_k, row_v = (t.index_select(0, group) for t in shared_prefix.row_layers[module.layer_idx])
+        key = torch.cat([key[:, :, :prefix_k.shape[1]], row_k, key[:, :, prefix_k.shape[1]:]], dim=2)
+        value = torch.cat([value[:, :, :prefix_k.shape[1]], row_v, value[:, :, prefix_k.shape[1]:]], dim=2)
+        to_prefix = torch.cat([to_prefix, shared_prefix.row_mask.index_select(0, group)[:, None, None, :]
+                               .expand(-1, -1, width, -1)], dim=-1)
     mask = torch.cat([to_prefix, allowed], dim=-1)
     if query.device.type == "cpu":  # the CPU kernel takes a mask and grouped kv heads without repeating them
         dtype = query.dtype
@@ -288,6 +302,33 @@ def shared_prefix(model, ids: list[int]) -> SharedPrefix:
     backbone, head = backbone_and_head(model)
     out = backbone(input_ids=torch.tensor([ids], device=head.weight.device), use_cache=True)
     return SharedPrefix(ids, [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers])
+
+
+def hidden_after_contexts(model, prefix: SharedPrefix, contexts: list[list[int]], rows: list[list[int]],
+                          group: list[int], n_response: list[int], pad_id: int) -> torch.Tensor:
+    """Like `response_hidden`, for rows that each continue one of a few contexts, all after `prefix` (e.g. the
+    choices of multiple-choice questions after their question, after the chat template's system turn): the
+    contexts run once, in one batch attending to `prefix`; then the rows, in one batch attending to `prefix` and
+    to their context `group[b]`. Row b's sequence is prefix.ids + contexts[group[b]] + rows[b]; the last
+    n_response[b] tokens of rows[b] are predicted, so rows[b] holds one more token (the context's last).
+    Only where `enable_shared_prefix` switched the model on, and not in sliding-window layers."""
+    backbone, head = backbone_and_head(model)
+    device, start = head.weight.device, len(prefix.ids)
+    ids, mask = pad_left(contexts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + start
+    cache = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     shared_prefix=prefix).past_key_values.layers
+    which = torch.tensor(group, device=device)
+    ctx = dataclasses.replace(prefix, row_layers=[(layer.keys, layer.values) for layer in cache],
+                              row_mask=mask.bool(), row_group=which)
+    ids, mask = pad_left(rows, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + start + ctx.row_mask.sum(-1).index_select(0, which)[:, None]
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                      shared_prefix=ctx).last_hidden_state
+    width = ids.shape[1]
+    picked = torch.cat([torch.arange(width - n - 1, width - 1, device=device) + j * width
+                        for j, n in enumerate(n_response)])
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked)
 
 
 def common_prefix_len(seqs: list[list[int]], n_response: list[int]) -> int:

@@ -145,12 +145,14 @@ def as_rate(x) -> dict | None:
 def eval_table(r: dict, retention: dict | None) -> list[dict]:
     """The four models of one target: KL to the prompted teacher, top-1 agreement, adherence (every declared check
     passes) on non-degenerate and on all answers, loop share, the LLR score, retention; rates with their 95%
-    intervals. The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (accuracy on
-    arithmetic and factual questions, greedy, no prompt) is measured for the base and the baked model."""
+    intervals. The prompted base is the teacher itself: KL 0 and agreement 1 by definition. Retention (multiple-choice
+    accuracy on standard benchmarks, retention.py) is measured for the base, the prompted base and the baked model."""
     kl = {"base": r.get("kl_before"), "prompted": 0.0, "baked": r.get("kl_after"), "baked_reprompted": r.get("kl_reprompted")}
     agree = {"base": r.get("top1_agreement_before"), "prompted": 1.0, "baked": r.get("top1_agreement_after"),
              "baked_reprompted": r.get("top1_agreement_reprompted")}
-    kept = {"base": (retention or {}).get("accuracy_base"), "baked": (retention or {}).get("accuracy_baked")}
+    accuracy = (retention or {}).get("accuracy", {})
+    kept = {who: (accuracy.get(key) or {}).get("rate") for who, key in
+            (("base", "reference"), ("prompted", "prompted"), ("baked", "baked"))}
     start = "parent" if r.get("start_model") == "parent" else "base"
     rows = []
     for who, label in MODELS:
@@ -279,8 +281,9 @@ def eval_context(result: dict | None, checkpoint: Path | None) -> tuple[list[dic
                                 for p in pick(r.get("sweep", []), ("point", "strength", "kl", "top1_agreement",
                                                                    "adherence", "marker_rate", "loop_share"))],
                       "half_baking": plot, "first": i == 0})
-    retention = pick([result["retention"]], ("questions", "kl_base_to_baked"))[0] if result and result.get("retention") \
-        else None
+    retention = pick([result["retention"]], ("n_items", "tasks", "reference", "retention_vs_reference",
+                                             "retention_vs_prompted", "kl_reference_to_baked"))[0] \
+        if result and "accuracy" in (result.get("retention") or {}) else None
     lineage_adherence = pick((result or {}).get("lineage", []), ("bake", "target", "prompt", "base", "base_all_prompts",
                                                                  "baked"))
     return evals, retention, lineage_adherence

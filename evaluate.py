@@ -21,7 +21,6 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import STRENGTH, ConfigError, check_range, parse_args
-from promptbake.evaluate import compare_checkpoints, evaluate
 
 
 def main():
@@ -43,6 +42,8 @@ def main():
         check_range("--strengths", s, STRENGTH)
     if not 1 <= args.samples <= 100:
         raise ConfigError(f"--samples is {args.samples}; it must be in [1, 100]")
+    from promptbake.evaluate import compare_checkpoints, evaluate  # torch loads after every setting passed
+
     if args.checkpoint and len(args.checkpoint) > 1:
         if strengths or args.steps:
             raise ConfigError("--strengths and --steps sweep one checkpoint; drop them to compare several")

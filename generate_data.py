@@ -17,7 +17,6 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import parse_args, to_dict
-from promptbake.generate import generate
 
 
 def main():
@@ -25,6 +24,7 @@ def main():
     parser.add_argument("--queries_only", action="store_true",
                         help="write the prompt-aware queries and print the plan, then stop (edit them, then rerun)")
     cfg, args = parse_args(parser=parser)
+    from promptbake.generate import generate  # torch and transformers load after the settings pass: a bad one fails fast
     print("config:", {k: v for k, v in to_dict(cfg).items() if v not in ("", [], None)})
     generate(cfg, queries_only=args.queries_only)
 

@@ -14,7 +14,6 @@ import argparse
 
 from promptbake.cli import main_guard
 from promptbake.config import ConfigError, parse_args
-from promptbake.pursuit import pursue
 
 
 def main():
@@ -25,6 +24,7 @@ def main():
     parser.add_argument("--min_gain", type=float, default=0.0,
                         help="stop when adherence rises by no more than this (0: when it stops rising)")
     cfg, args = parse_args(parser=parser)
+    from promptbake.pursuit import pursue  # torch and transformers load after the settings pass: a bad one fails fast
     if not 1 <= args.iterations <= 20:
         raise ConfigError(f"--iterations is {args.iterations}; it must be in [1, 20]")
     if not 1 <= args.samples <= 100:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 HEAVY = ("torch", "transformers", "peft", "httpx")
@@ -35,10 +36,11 @@ def test_redaction_still_importable_from_api_client():
     assert redact.redact_url("https://u:pw@host/v1?key=sk-1") == "https://host/v1"
 
 
-def test_bad_setting_fails_before_torch_loads(tmp_path):
-    """bake.py with a bad setting: the one error line, and torch never imported (its import alone takes seconds)."""
-    probe = ("import runpy, sys\nsys.argv = ['bake.py', '--num_epochs', '0']\n"
-             f"try:\n    runpy.run_path({str(ROOT / 'bake.py')!r}, run_name='__main__')\n"
+@pytest.mark.parametrize("script", ["bake.py", "generate_data.py", "evaluate.py", "demo.py", "pursue.py"])
+def test_bad_setting_fails_before_torch_loads(tmp_path, script):
+    """A script with a bad setting: the one error line, and torch never imported (its import alone takes seconds)."""
+    probe = (f"import runpy, sys\nsys.argv = [{script!r}, '--num_epochs', '0']\n"
+             f"try:\n    runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
              "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package, wherever the editable install points
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)

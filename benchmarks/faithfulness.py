@@ -108,21 +108,22 @@ def summarise(own: dict, generic: dict) -> dict:
            "checks_all": {m: a.get("all") for m, a in per_model.items()},
            "loop_share": {m: a.get("loop") for m, a in per_model.items()},
            "llr": {m: a.get("llr") for m, a in per_model.items()},
-           "retention": own.get("retention")}
+           "retention_vs_base": (own.get("retention") or {}).get("retention_vs_reference"),
+           "retention_vs_prompted": (own.get("retention") or {}).get("retention_vs_prompted")}
     prompted, baked = (row["checks_clean"].get(k) or {} for k in ("prompted", "baked"))
     row["baked_over_prompted"] = (baked["rate"] / prompted["rate"]) if prompted.get("rate") and \
         baked.get("rate") is not None else None
     return row
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict, out=print) -> None:
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for tag, kinds in results.items():
-        print(f"\n## {tag} (commit {kinds.get('_commit', '?')})\n")
-        print("| kind | checks, non-degenerate answers: base / prompted / baked / baked re-prompted (95% CI) | "
+        out(f"\n## {tag} (commit {kinds.get('_commit', '?')})\n")
+        out("| kind | checks, non-degenerate answers: base / prompted / baked / baked re-prompted (95% CI) | "
               "baked/prompted | loop share prompted / baked | LLR prompted / baked | KL cut own / generic | "
               "retention vs base / prompted |")
-        print("|---|---|---|---|---|---|---|")
+        out("|---|---|---|---|---|---|---|")
         for kind in KINDS:
             r = kinds.get(kind)
             if not r:
@@ -131,9 +132,9 @@ def print_table(results: dict) -> None:
             loops = " / ".join(rate_cell(r["loop_share"].get(m)) for m in ("prompted", "baked"))
             ratio = "-" if r["baked_over_prompted"] is None else f"{r['baked_over_prompted']:.2f}"
             llr = " / ".join(llr_cell(r["llr"].get(m)) for m in ("prompted", "baked"))
-            ret = r.get("retention") or {}
-            kept = " / ".join("-" if ret.get(k) is None else f"{ret[k]:.2f}" for k in ("vs_base", "vs_prompted"))
-            print(f"| {kind} | {checks} | {ratio} | {loops} | {llr} | {pct(r['kl_cut_own'])} / "
+            kept = " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("retention_vs_base",
+                                                                                  "retention_vs_prompted"))
+            out(f"| {kind} | {checks} | {ratio} | {loops} | {llr} | {pct(r['kl_cut_own'])} / "
                   f"{pct(r['kl_cut_generic'])} | {kept} |")
 
 

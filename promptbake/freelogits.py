@@ -30,14 +30,20 @@ from .loss import teacher_topk
 from .teacher import Example, TeacherTopK, _checksum, model_fingerprint, teacher_topk_rows
 
 FORMAT_VERSION = 1
-# Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, by the model's dtype. fp32: the
-# generator's KV-cached steps and the teacher's full forward differ by ~1e-5; the fp16 storage rounds to 2^-11
-# relative. bf16 (GPU): both passes carry bf16's own noise (~2^-8 of a logit).
-TOLERANCE = {torch.float32: (1e-3, 2e-3), torch.float16: (5e-2, 2e-2), torch.bfloat16: (1e-1, 4e-2)}
-# Allowed mean of (stored - fresh) over every checked log-prob. Rounding noise averages out over thousands of numbers
-# while a systematic error (numbers from another prompt, temperature or position) does not: this is what refuses a
-# shift that the per-position bound, sized for bf16's noise, lets through.
-BIAS = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, per position, by the model's dtype.
+# fp32: the generator's KV-cached steps and the teacher's full forward differ by ~1e-5; the fp16 storage rounds to
+# 2^-11 relative. bf16: both passes carry bf16's noise through every layer, and it is large. Measured on the embedded
+# SmolLM2 in bf16 (CPU, avx512_bf16; 62 rows of up to 48 tokens, K=20, 48k log-probs): |Δ| median 0.045, p99 0.24,
+# max 0.64, growing with |lp|; top-1 ids agree at 96.5% of positions, all 20 at 1%. The old bound (0.1 + 0.04|lp|)
+# refused those true numbers; 0.5 + 0.1|lp| admits them with the worst at 0.65 of the bound (ties among the ids at
+# 0.55). fp16 is not measured. This bound catches gross errors; the mean below catches small systematic ones.
+TOLERANCE = {torch.float32: (1e-3, 2e-3), torch.float16: (5e-2, 2e-2), torch.bfloat16: (5e-1, 1e-1)}
+# Allowed mean of (stored - fresh) over every checked log-prob. Rounding noise averages out, a systematic error does
+# not: this refuses the small shifts that bf16's per-position bound must let through. bf16, same 62 rows: the mean
+# over 8 random rows stays within 0.0087 (2000 draws; 4 rows 0.014, 1 row 0.028, all 62 -0.00005); with every stored
+# log-prob 0.05 too low it is never under 0.041. A check of few rows may be refused by noise: it falls back to the
+# teacher pass, which is safe.
+BIAS = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 # Rows recomputed by the teacher pass before stored numbers are trusted: at least one of every part (its longest:

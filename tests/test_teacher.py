@@ -115,6 +115,22 @@ def test_alignment_mismatch_names_row_and_tokens(tiny, tokenizer, tmp_path):
         check_alignment(examples, cache, tokenizer, "data.jsonl")
 
 
+def test_a_cache_computed_for_other_response_tokens_is_refused(tiny, tokenizer, tmp_path):
+    """What check_alignment can catch: the cache folder holds numbers for another tokenization of the same rows (the
+    generator's own ids, then the text re-encoded); student and teacher ids agree by construction."""
+    text = rows(2)
+    chars = [tokenizer.convert_tokens_to_ids(c) for c in "Arr"]  # "Arr" spelled letter by letter, as a sampler may
+    generated = [Row(r.line, r.context, r.response, chars + tokenizer.encode(r.response[3:], add_special_tokens=False),
+                     False) for r in text]
+    by_ids, _ = build_examples(generated, tokenizer, SYSTEM, "", 512, True, "data.jsonl")
+    teacher_cache(tiny, tokenizer, by_ids, 4, tmp_path, 4)
+    by_text, _ = build_examples(generated, tokenizer, SYSTEM, "", 512, False, "data.jsonl")
+    assert all(e.student_ids[-e.n_response:] == e.teacher_ids[-e.n_response:] for e in by_text)
+    cache = teacher_cache(tiny, tokenizer, by_text, 4, tmp_path, 4)  # same folder: the shards are reused
+    with pytest.raises(UserError, match=r"data.jsonl:1: the student's response tokens differ .* at token 0"):
+        check_alignment(by_text, cache, tokenizer, "data.jsonl")
+
+
 def test_prompt_longer_than_context(tokenizer):
     with pytest.raises(UserError, match="over the model's context of 50; shorten the prompt"):
         build_examples(rows(1), tokenizer, SYSTEM * 20, "", 512, False, "t", max_context=50)

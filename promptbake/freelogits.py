@@ -3,20 +3,19 @@ computes the teacher's logits at every response token while it samples. generate
 (fp32 log_softmax of the raw logits, before temperature and top-p) beside the data, and bake.py uses them
 instead of a separate teacher pass.
 
-Stored as data/<name>.topk/part-NNNNNN.pt, one per generation batch, written atomically before the batch's
-rows are appended, each with a checksum. An entry is matched to a data row by the row's key (query, sample
-index, temperature), the hash of the prompt ids the generator read (system prompt, template, context) and the
-response ids themselves; every part names the model identity (and its files), the prompt's hash, K and the
-template's hash. A row without a valid entry (a corrupt or missing part, API data) gets the teacher pass.
-Before any of it is trusted, one row of every part (at most CHECK_ROWS, spread over the parts) is recomputed by the
-real teacher pass and compared: a part written wrongly (another batch's padding, a resumed run, a bad disk) is
-caught wherever it lies, not only when it happens to hold the first rows.
+Stored as data/<name>.topk/part-NNNNNN.safetensors, one per generation batch, written atomically before the
+batch's rows are appended, with its keys and a checksum in its metadata (no pickle). An entry is matched to a data
+row by the row's key (query, sample index, temperature), the hash of the prompt ids the generator read (system
+prompt, template, context) and the response ids themselves; every part names the model identity (and its files),
+the prompt's hash, K and the template's hash. A row without a valid entry (a corrupt or missing part, API data) gets
+the teacher pass. Before any of it is trusted, rows of every part (each part's longest, at least a teacher batch, at
+most CHECK_ROWS spread over the parts) are recomputed by the real teacher pass and compared: a part written wrongly
+is caught wherever it lies, not only when it happens to hold the first rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,11 +24,11 @@ import orjson
 import torch
 
 from .forward import common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
-from .io import atomic_write_bytes, sha256_text
+from .io import sha256_text
 from .loss import teacher_topk
-from .teacher import Example, TeacherTopK, _checksum, model_fingerprint, teacher_topk_rows
+from .teacher import Example, TeacherTopK, load_checked, model_fingerprint, save_checked, teacher_topk_rows
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: safetensors parts
 # Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, per position, by the model's dtype.
 # fp32: the generator's KV-cached steps and the teacher's full forward differ by ~1e-5; the fp16 storage rounds to
 # 2^-11 relative. bf16: both passes carry bf16's noise through every layer, and it is large. Measured on the embedded
@@ -63,6 +62,9 @@ class Entry(NamedTuple):
     part: str
 
 
+PART_SUFFIX = "safetensors"
+
+
 def topk_dir(data_file: str | Path) -> Path:
     p = Path(data_file)
     return p.with_name(p.name.removesuffix(".jsonl") + ".topk")
@@ -83,10 +85,6 @@ def header(model_id: str, system: str, k: int, tokenizer) -> dict:
             "prompt_sha256": sha256_text(system), "k": k, "template_sha256": sha256_text(tokenizer.chat_template or "")}
 
 
-def _part_checksum(meta: dict, tensors: dict) -> str:
-    return hashlib.sha256(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS) + _checksum(tensors).encode()).hexdigest()
-
-
 class PartWriter:
     """Appends one part per generation batch after the parts already there (a resumed generation)."""
 
@@ -94,7 +92,7 @@ class PartWriter:
         self.folder, self.head = folder, head
         self.id_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
         folder.mkdir(parents=True, exist_ok=True)
-        self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob("part-*.pt")
+        self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(f"part-*.{PART_SUFFIX}")
                              if p.stem.split("-")[1].isdigit()), default=0)
 
     def write(self, answers) -> None:
@@ -108,25 +106,25 @@ class PartWriter:
                    "response_ids": torch.tensor([t for a, _ in answers for t in a.ids], dtype=torch.int32),
                    "ids": torch.cat([a.topk[0] for a, _ in answers]).to(self.id_dtype),
                    "logprobs": torch.cat([a.topk[1] for a, _ in answers]).half()}
-        write_part(self.folder / f"part-{self.next:06d}.pt", meta, tensors)
+        write_part(self.folder / f"part-{self.next:06d}.{PART_SUFFIX}", meta, tensors)
         self.next += 1
 
 
 def write_part(path: Path, meta: dict, tensors: dict) -> None:
-    buf = io.BytesIO()
-    torch.save({"meta": meta, "tensors": tensors, "sha256": _part_checksum(meta, tensors)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_checked(path, tensors, meta)
 
 
 def read_part(path: Path) -> tuple[dict, dict] | None:
     """(meta, tensors) of a part, or None when it is unreadable, fails its checksum or its lengths disagree."""
+    loaded = load_checked(path)
+    if loaded is None:
+        return None
+    t, meta = loaded
     try:
-        blob = torch.load(path, weights_only=True)
-        meta, t = blob["meta"], blob["tensors"]
         off = t["offsets"]
-        ok = (blob["sha256"] == _part_checksum(meta, t) and len(off) == len(meta["keys"]) + 1
+        ok = (len(off) == len(meta["keys"]) + 1 == len(meta["prompt_sha"]) + 1
               and len(t["response_ids"]) == int(off[-1]) == len(t["ids"]) == len(t["logprobs"]))
-    except Exception:  # noqa: BLE001 - any unreadable part is left out; its rows get the teacher pass
+    except (KeyError, TypeError):
         ok = False
     return (meta, t) if ok else None
 
@@ -135,7 +133,7 @@ def load_parts(folder: Path) -> tuple[dict[str, Entry], list[str]]:
     """{entry key: Entry} over every valid part, and notes on the
     parts left out. A later part wins over an earlier one for the same key (a row generated again on resume)."""
     entries, notes = {}, []
-    for path in sorted(folder.glob("part-*.pt")):
+    for path in sorted(folder.glob(f"part-*.{PART_SUFFIX}")):
         part = read_part(path)
         if part is None:
             notes.append(f"{path.name} is corrupt or truncated")

@@ -132,7 +132,7 @@ def test_bake_reuses_them_and_falls_back_when_prompt_k_or_model_change(workdir, 
 def test_numbers_that_differ_from_the_teacher_pass_are_refused(workdir, tiny, tokenizer, tiny_model_dir, capsys):
     cfg = cfg_for(tiny_model_dir)
     out = generate(cfg, tiny, tokenizer, tiny_model_dir)
-    (part,) = topk_dir(out).glob("part-*.pt")
+    (part,) = topk_dir(out).glob("part-*.safetensors")
     shift_part(part, 0.05)
     capsys.readouterr()
     prepare_target(cfg, spec(out), tiny, tokenizer, tiny_model_dir)
@@ -144,7 +144,7 @@ def test_numbers_that_differ_from_the_teacher_pass_are_refused(workdir, tiny, to
 def test_a_wrong_part_is_caught_wherever_it_lies(workdir, tiny, tokenizer, tiny_model_dir, capsys):
     """Three parts, the last one wrong, a teacher batch of 2: the old check (the first batch) read part 1 alone."""
     out = generate(cfg_for(tiny_model_dir, gen_batch_size=3), tiny, tokenizer, tiny_model_dir)
-    parts = sorted(topk_dir(out).glob("part-*.pt"))
+    parts = sorted(topk_dir(out).glob("part-*.safetensors"))
     assert len(parts) == 3
     shift_part(parts[-1], 0.05)
     system = read_prompt("prompt.md")
@@ -165,7 +165,7 @@ def test_bf16_noise_passes_and_a_small_shift_is_refused(workdir, tiny_model_dir,
     capsys.readouterr()
     assert free_teacher(model, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is not None
     assert "checked on 8 rows of 1 parts" in capsys.readouterr().out
-    (part,) = topk_dir(out).glob("part-*.pt")
+    (part,) = topk_dir(out).glob("part-*.safetensors")
     shift_part(part, 0.05)
     assert free_teacher(model, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is None
     shift = float(re.search(r"shifted on average by (\S+),", capsys.readouterr().out).group(1))
@@ -188,14 +188,14 @@ def test_resumed_generation_keeps_them_consistent_and_a_bad_part_falls_back(work
                                                                             capsys):
     cfg = cfg_for(tiny_model_dir, gen_batch_size=3)
     out = generate(cfg, tiny, tokenizer, tiny_model_dir)
-    parts = sorted(topk_dir(out).glob("part-*.pt"))
+    parts = sorted(topk_dir(out).glob("part-*.safetensors"))
     assert len(parts) == 3
     # a crash: the last part written, its rows not yet; and one row of the batch before it lost too
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:2]))
     generate(cfg, tiny, tokenizer, tiny_model_dir)
     assert f"resuming: 2 of {len(QUERIES)} rows" in capsys.readouterr().out
-    assert len(list(topk_dir(out).glob("part-*.pt"))) > 3
+    assert len(list(topk_dir(out).glob("part-*.safetensors"))) > 3
     system = read_prompt("prompt.md")
     rows, examples = examples_of(out, tokenizer, system)
     want_ids, want_lp = teacher_pass(tiny, tokenizer, examples)
@@ -203,14 +203,14 @@ def test_resumed_generation_keeps_them_consistent_and_a_bad_part_falls_back(work
     assert f"for {len(QUERIES)}/{len(QUERIES)} rows" in capsys.readouterr().out
     assert_equal_to_teacher(teacher, want_ids, want_lp)
 
-    newest = sorted(topk_dir(out).glob("part-*.pt"))[-1]
+    newest = sorted(topk_dir(out).glob("part-*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[:-200])  # truncated: its rows get the teacher pass
     teacher = free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8)
     log = capsys.readouterr().out
     assert f"{newest.name} is corrupt or truncated" in log and "teacher pass for " in log
     assert_equal_to_teacher(teacher, want_ids, want_lp)
 
-    for p in topk_dir(out).glob("part-*.pt"):
+    for p in topk_dir(out).glob("part-*.safetensors"):
         p.unlink()
     assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is None
 
@@ -218,7 +218,7 @@ def test_resumed_generation_keeps_them_consistent_and_a_bad_part_falls_back(work
 def test_switched_off_nothing_is_kept_and_a_fresh_data_file_drops_old_parts(workdir, tiny, tokenizer, tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, num_queries=2)
     out = generate(cfg, tiny, tokenizer, tiny_model_dir)
-    assert list(topk_dir(out).glob("part-*.pt"))
+    assert list(topk_dir(out).glob("part-*.safetensors"))
     generate(cfg_for(tiny_model_dir, num_queries=2, overwrite=True, free_teacher_logits=False), tiny, tokenizer,
              tiny_model_dir)
     assert not topk_dir(out).exists()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors import safe_open
 
 from promptbake.chat import render_prompt_ids
 from promptbake.data import Row
@@ -93,7 +94,15 @@ def test_cache_reused_and_corrupt_shard_rebuilt(tiny, tokenizer, tmp_path, capsy
     again = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "reusing" in capsys.readouterr().out
     assert torch.equal(again.ids, first.ids)
-    (shard,) = tmp_path.glob("shard-*.pt")
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    with safe_open(str(shard), framework="pt") as f:  # no pickle: plain tensors, the checksum in the metadata
+        assert set(f.keys()) == {"offsets", "response_ids", "ids", "logprobs"} and '"sha256":' in f.metadata()["promptbake"]
+    flipped = bytearray(shard.read_bytes())
+    flipped[-3] ^= 0xFF  # a flipped byte among the numbers: the file still parses
+    shard.write_bytes(bytes(flipped))
+    rebuilt = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
+    assert "corrupt or truncated; rebuilding" in capsys.readouterr().out
+    assert torch.equal(rebuilt.ids, first.ids)
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a crash or a full disk
     rebuilt = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "corrupt or truncated; rebuilding" in capsys.readouterr().out

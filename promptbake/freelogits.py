@@ -219,9 +219,8 @@ def check_against_teacher(model, tokenizer, examples: list[Example], found: list
         n_same += int((stored_ids.long() == fresh_ids).all(-1).sum())
         max_diff, sum_diff = max(max_diff, diff.abs().max().item()), sum_diff + diff.sum().item()
         if bad is None and not ok.all():
-            first = int((~ok).nonzero()[0])
-            row = idx[next(j for j, end in enumerate(torch.tensor([examples[i].n_response for i in idx]).cumsum(0))
-                           if first < end)]
+            ends = torch.tensor([examples[i].n_response for i in idx]).cumsum(0)  # each row's positions end here
+            row = idx[int(torch.searchsorted(ends, int((~ok).nonzero()[0]), right=True))]
             bad = f"first in {part_of[row]} (data line {examples[row].line})"
     bias = sum_diff / max(n_pos * k, 1)
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])

@@ -31,7 +31,7 @@ from promptbake.loss import full_kl, head_topk_kl_with_tail
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
 from promptbake.precision import use_bf16
 from promptbake.seeds import seed_queries
-from promptbake.teacher import TeacherTopK, _save_shard, build_examples, teacher_topk_rows
+from promptbake.teacher import TeacherTopK, build_examples, save_checked, teacher_topk_rows
 from promptbake.train import Target, batch_loss, length_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,8 +151,8 @@ def cache_bytes(model, tokenizer, rows, k):
                                 torch.uint16 if vocab_fits else torch.int32)
     n_tok = sum(e.n_response for e in examples)
     with tempfile.TemporaryDirectory() as d:
-        _save_shard(Path(d) / "s.pt", tensors)
-        on_disk = (Path(d) / "s.pt").stat().st_size
+        save_checked(Path(d) / "s.safetensors", tensors)
+        on_disk = (Path(d) / "s.safetensors").stat().st_size
     teacher = TeacherTopK(tensors["offsets"], tensors["response_ids"], tensors["ids"], tensors["logprobs"])
     return examples, teacher, {"in_memory": teacher.bytes_per_token, "on_disk": on_disk / n_tok}
 

@@ -17,26 +17,42 @@ import random
 import time
 from pathlib import Path
 
-from common import (
-    RESULTS,
-    config,
-    ensure_baked,
-    load_done,
-    main_guard,
-    pyplot,
-    questions,
-    save,
-    save_figure,
-    save_with_plot,
-    settings_of,
-    setup_threads,
-)
-
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
 from promptbake.evaluate import EVAL_TEMPERATURE
 from promptbake.generate import decode_response, derive_seed, generate_ids
 from promptbake.metrics import follows
+
+if __package__:  # imported as experiments.drift, as the tests do
+    from .common import (
+        RESULTS,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        questions,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+    )
+else:  # run as a script: python experiments/drift.py
+    from common import (
+        RESULTS,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        questions,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+    )
 
 TURNS = 10
 CONVERSATIONS = 8

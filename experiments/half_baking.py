@@ -18,28 +18,45 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    RESULTS,
-    UNSEEN,
-    config,
-    ensure_baked,
-    load_done,
-    main_guard,
-    pyplot,
-    save,
-    save_figure,
-    save_with_plot,
-    settings_of,
-    setup_threads,
-    shown,
-)
-
 from promptbake.baked import load_baked
 from promptbake.checks import marker_checks
 from promptbake.data import Row, load_prompts
 from promptbake.evaluate import run_sweep, sample, score_answers, sweep_points, texts_of
 from promptbake.metrics import headline_rate
 from promptbake.teacher import build_examples
+
+if __package__:  # imported as experiments.half_baking, as the tests do
+    from .common import (
+        RESULTS,
+        UNSEEN,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+        shown,
+    )
+else:  # run as a script: python experiments/half_baking.py
+    from common import (
+        RESULTS,
+        UNSEEN,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+        shown,
+    )
 
 STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 SAMPLES = 1

@@ -17,25 +17,41 @@ import re
 import time
 from pathlib import Path
 
-from common import (
-    HERE,
-    RESULTS,
-    config,
-    ensure_baked,
-    load_done,
-    main_guard,
-    pyplot,
-    save_figure,
-    save_with_plot,
-    settings_of,
-    setup_threads,
-    shown,
-)
-
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
 from promptbake.generate import decode_response, generate_ids
 from promptbake.io import read_jsonl
+
+if __package__:  # imported as experiments.knowledge, as the tests do
+    from .common import (
+        HERE,
+        RESULTS,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+        shown,
+    )
+else:  # run as a script: python experiments/knowledge.py
+    from common import (
+        HERE,
+        RESULTS,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+        shown,
+    )
 
 FACTS = HERE / "knowledge" / "factsheet.md"
 TRAIN = HERE / "knowledge" / "train_questions.txt"

@@ -16,25 +16,41 @@ import dataclasses
 import time
 from pathlib import Path
 
-from common import (
-    RESULTS,
-    UNSEEN,
-    config,
-    ensure_baked,
-    load_done,
-    main_guard,
-    pyplot,
-    save,
-    save_figure,
-    save_with_plot,
-    settings_of,
-    setup_threads,
-)
-
 from promptbake.baked import load_baked
 from promptbake.data import load_prompts
 from promptbake.evaluate import evaluate_target
 from promptbake.metrics import headline_rate
+
+if __package__:  # imported as experiments.reprompt, as the tests do
+    from .common import (
+        RESULTS,
+        UNSEEN,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+    )
+else:  # run as a script: python experiments/reprompt.py
+    from common import (
+        RESULTS,
+        UNSEEN,
+        config,
+        ensure_baked,
+        load_done,
+        main_guard,
+        pyplot,
+        save,
+        save_figure,
+        save_with_plot,
+        settings_of,
+        setup_threads,
+    )
 
 NAMES = ("pirate", "knight", "cats")
 SAMPLES = 2

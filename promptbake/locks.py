@@ -4,6 +4,12 @@ run_lock(path, what) holds an exclusive flock on `.<name>.lock` beside `path` (b
 replaced by an atomic rename would take a lock file inside it along). The kernel drops a flock when its holder
 dies, so a lock file left by a killed run never blocks the next one. The holder's PID and command line are
 written into the file so that a second run can say who holds it.
+
+Why not the `filelock` package (installed already, for torch and the hub): tried (4.3.2), it writes nothing into the
+lock file, and a refused acquire says only "The file lock '...' could not be acquired" (its `pid` is None for a lock
+held elsewhere), so the holder's PID and command line would still be written and read here, through its private file
+descriptor; and where the filesystem has no flock it switches to a marker-file ("soft") lock, where this runs
+unlocked with a note. The flock call it would replace is one line.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Examples (tokenized rows) and the teacher cache.
 
 The teacher is the base model WITH the system prompt. Its top-K log-probabilities at every response
-position are computed once, stored under data/cache/<key>/ in shards (uint16/int32 ids, fp16 logprobs,
-about 84 bytes a token at K=20), and reused across epochs and runs. The key hashes everything the
+position are computed once, stored under data/cache/<key>/ in safetensors shards (uint16/int32 ids, fp16
+logprobs, about 84 bytes a token at K=20; no pickle), and reused across epochs and runs. The key hashes everything the
 numbers depend on, so a changed model, prompt, data file, K or template builds a new cache. Each shard
-carries a checksum: a truncated or corrupt shard is rebuilt, never trained on.
+carries a checksum in its metadata: a truncated or corrupt shard is rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .forward import SharedPrefix, common_prefix_len, enable_shared_prefix, resp
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
-CACHE_VERSION = 2  # 2: the final logit soft-cap (Gemma 2) applied to the teacher's logits
+CACHE_VERSION = 3  # 2: the final logit soft-cap (Gemma 2) applied to the teacher's logits; 3: safetensors shards
 SHARD_ROWS = 64
 
 
@@ -96,7 +96,7 @@ def model_fingerprint(model_path: str) -> list | None:
 
 def cache_complete(cache_dir: Path, n_rows: int) -> bool:
     """Whether every shard of a teacher cache for n_rows rows is on disk (they are still checked when loaded)."""
-    return all((cache_dir / f"shard-{s:07d}.pt").exists() for s in range(0, n_rows, SHARD_ROWS))
+    return all(shard_path(cache_dir, s).exists() for s in range(0, n_rows, SHARD_ROWS))
 
 
 @dataclass
@@ -117,34 +117,50 @@ class TeacherTopK:
         return sum(x.numel() * x.element_size() for x in (self.response_ids, self.ids, self.logprobs)) / t
 
 
-def _checksum(tensors: dict) -> str:
-    h = hashlib.sha256()
+def _checksum(tensors: dict, meta: dict) -> str:
+    h = hashlib.sha256(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
     for name in sorted(tensors):
         h.update(name.encode())
         h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _save_shard(path: Path, tensors: dict) -> None:
-    import io
+def save_checked(path: Path, tensors: dict, meta: dict | None = None) -> None:
+    """Tensors as safetensors (no pickle), atomically, with `meta` (JSON) and a checksum of both in its metadata."""
+    from safetensors.torch import save
 
-    buf = io.BytesIO()
-    torch.save({"tensors": tensors, "sha256": _checksum(tensors)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    meta = meta or {}
+    # one metadata entry: safetensors writes several in a per-process random order, and equal shards must be equal bytes
+    info = orjson.dumps({"meta": meta, "sha256": _checksum(tensors, meta)}, option=orjson.OPT_SORT_KEYS).decode()
+    atomic_write_bytes(path, save(tensors, metadata={"promptbake": info}))
+
+
+def load_checked(path: Path) -> tuple[dict, dict] | None:
+    """(tensors, meta) of a save_checked file, or None when it is unreadable, truncated or fails its checksum."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = orjson.loads((f.metadata() or {})["promptbake"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return (tensors, info["meta"]) if info["sha256"] == _checksum(tensors, info["meta"]) else None
+    except Exception:  # noqa: BLE001 - any unreadable file counts as missing
+        return None
+
+
+def shard_path(cache_dir: Path, start: int) -> Path:
+    return cache_dir / f"shard-{start:07d}.safetensors"
 
 
 def _load_shard(path: Path, n_rows: int, k: int) -> dict | None:
     """The shard's tensors, or None if it is missing, truncated, corrupt or of the wrong shape."""
     if not path.exists():
         return None
-    try:
-        blob = torch.load(path, weights_only=True)
-        t = blob["tensors"]
-        ok = (blob["sha256"] == _checksum(t) and len(t["offsets"]) == n_rows + 1
-              and t["ids"].shape == t["logprobs"].shape == (int(t["offsets"][-1]), k)
-              and len(t["response_ids"]) == int(t["offsets"][-1]))
-    except Exception:  # noqa: BLE001 - any unreadable file is simply rebuilt
-        ok = False
+    loaded = load_checked(path)
+    t = loaded[0] if loaded else None
+    ok = t is not None and set(t) == {"offsets", "response_ids", "ids", "logprobs"} \
+        and len(t["offsets"]) == n_rows + 1 and t["ids"].shape == t["logprobs"].shape == (int(t["offsets"][-1]), k) \
+        and len(t["response_ids"]) == int(t["offsets"][-1])
     if not ok:
         print(f"teacher cache: {path} is corrupt or truncated; rebuilding it")
         path.unlink(missing_ok=True)
@@ -187,7 +203,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         cache_dir.mkdir(parents=True, exist_ok=True)
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
-    loaded = {s: _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k) for s, ex in shards}
+    loaded = {s: _load_shard(shard_path(cache_dir, s), len(ex), k) for s, ex in shards}
     if world.enabled:
         barrier()  # every rank has looked before any writes: they agree on what is missing
     missing = [(s, ex) for s, ex in shards if loaded[s] is None]
@@ -210,7 +226,7 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         for s, ex in mine:
             loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
             if world.main or not sharded:
-                _save_shard(cache_dir / f"shard-{s:07d}.pt", loaded[s])
+                save_checked(shard_path(cache_dir, s), loaded[s])
         bar.close()
         dt = time.time() - t0
         shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
@@ -222,9 +238,9 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
         barrier()  # every rank's shards are written
         for s, ex in missing:
             if loaded[s] is None:
-                loaded[s] = _load_shard(cache_dir / f"shard-{s:07d}.pt", len(ex), k)
+                loaded[s] = _load_shard(shard_path(cache_dir, s), len(ex), k)
             if loaded[s] is None:
-                raise UserError(f"teacher cache: {cache_dir}/shard-{s:07d}.pt, written by another rank, is missing or "
+                raise UserError(f"teacher cache: {shard_path(cache_dir, s)}, written by another rank, is missing or "
                                 f"corrupt here: data_dir must be on a filesystem every rank shares")
     parts = [loaded[s] for s, _ in shards]
     offsets = [torch.zeros(1, dtype=torch.long)]

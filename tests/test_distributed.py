@@ -121,8 +121,8 @@ def test_ranks_split_the_teacher_cache_and_their_shards_are_the_one_process_shar
         with pytest.raises(UserError, match="written by another rank, is missing or corrupt here: data_dir must be on a "
                                             "filesystem every rank shares"):
             teacher.teacher_cache(model, tokenizer, examples, 8, tmp_path / f"rank{rank}", 4, World(rank, 2))
-    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["shard-0000000.pt", "shard-0000004.pt"]
-    assert sorted(p.name for p in (tmp_path / "rank1").iterdir()) == ["shard-0000002.pt", "shard-0000006.pt"]
+    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["shard-0000000.safetensors", "shard-0000004.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "rank1").iterdir()) == ["shard-0000002.safetensors", "shard-0000006.safetensors"]
     joined = tmp_path / "joined"
     joined.mkdir()
     for p in [*(tmp_path / "rank0").iterdir(), *(tmp_path / "rank1").iterdir()]:

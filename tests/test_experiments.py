@@ -2,20 +2,12 @@
 checked for the numbers its JSON must hold, its PNG, and that a rerun keeps what is done."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-
-import common  # noqa: E402
-import drift  # noqa: E402
-import half_baking  # noqa: E402
-import knowledge  # noqa: E402
-import reprompt  # noqa: E402
-
-from promptbake.metrics import follows  # noqa: E402
+from experiments import common, drift, half_baking, knowledge, reprompt
+from promptbake.metrics import follows
 
 
 def tiny(runs, model_dir, name="pirate", **kw):
@@ -98,7 +90,7 @@ def test_reprompt_reports_four_models_per_prompt(runs, tiny_model_dir, tmp_path)
     assert list(r["prompts"]) == ["pirate", "cats"]
     for p in r["prompts"].values():
         assert set(p["adherence"]) == set(reprompt.WHO) and all(0 <= v <= 1 for v in p["adherence"].values())
-        assert p["answers"] == 4 and p["kl_base"] > 0 and p["kl_baked"] >= 0
+        assert p["answers"] == 4 * (1 + 1) and p["kl_base"] > 0 and p["kl_baked"] >= 0  # 4 queries x (1 greedy + 1 sample)
     assert "cats" in r["prompts"]["cats"]["prompt"]
     assert (tmp_path / r["plot"]).stat().st_size > 10_000
 

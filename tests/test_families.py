@@ -237,8 +237,7 @@ def test_pipeline(name, family_dirs, workdir, capsys, monkeypatch):
     cfg = make_cfg(model_name_or_path=path, training_prompts=["Who are you?", "Tell me a joke.", "What is rain?",
                                                               "Where is Paris, matey?"],
                    temperatures=[1.0], samples_per_query=1, max_new_tokens=6, gen_batch_size=4, num_epochs=1,
-                   batch_size=2, eval_fraction=0.25, learning_rate=1e-2, top_k=4, teacher_batch_size=4,
-                   free_teacher_logits=False)  # the teacher pass, whose shared-prefix choice this test checks
+                   batch_size=2, eval_fraction=0.25, learning_rate=1e-2, top_k=4, teacher_batch_size=4)
     # local generation: the family's template, its stop tokens, token ids kept
     data = generate(cfg)
     rows = [r for _, r in read_jsonl(data)]
@@ -254,13 +253,26 @@ def test_pipeline(name, family_dirs, workdir, capsys, monkeypatch):
     monkeypatch.setattr(train, "finish", lambda tr: trained.setdefault("tr", tr) and real_finish(tr))
     final = train.bake(cfg)
     out = capsys.readouterr().out
+    # the generator's top-K, checked against a teacher pass, stand in for the teacher cache
+    assert "free teacher logits: reused the generator's top-4 for 4/4 rows" in out and "teacher cache: built" not in out
+
+    # the teacher pass (shared-prefix path, or the family's reason for the fallback) gives the numbers reused above
+    base = load_model(path)
+    spec = train.check_inputs(cfg, tok)[0]
+    free = train.prepare_target(cfg, spec, base, tok, path).teacher
+    capsys.readouterr()
+    built = train.prepare_target(dataclasses.replace(cfg, free_teacher_logits=False), spec, base, tok, path).teacher
+    out = capsys.readouterr().out
     assert "teacher cache: built" in out
     if family.shared_prefix == "on":
-        assert "shared-prefix attention: on" in out and "computed once" in out
+        assert "computed once" in out
     else:
         assert f"no shared prefix: {family.shared_prefix}" in out
+    assert torch.equal(free.ids[:, 0], built.ids[:, 0])
+    torch.testing.assert_close(free.logprobs.float(), built.logprobs.float(), atol=2e-3, rtol=0)
     train_rows = [r for _, r in read_jsonl(final.parent / "metrics.jsonl") if "train/kl" in r]
-    assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["train/kl"])) for r in train_rows)
+    n_train = 4 - len(list(read_jsonl(final.parent / "held_out.jsonl")))  # the split is by a hash of each query
+    assert len(train_rows) == (n_train + 1) // 2 and all(torch.isfinite(torch.tensor(r["train/kl"])) for r in train_rows)
 
     # reload: the saved adapter gives the logits the trained model gave, through the model's own forward too
     model = trained["tr"].model.eval()

@@ -1,5 +1,6 @@
 """Free teacher logits: the top-K the local generator keeps while it samples equal a teacher pass's, and bake.py
-uses them exactly when model, prompt, K, template and token ids match (embedded SmolLM2, a few short rows)."""
+uses them exactly when model, prompt, K, template and token ids match, after checking a row of every stored part.
+The bookkeeping runs on the tiny random model; one test checks the equality on the embedded SmolLM2 (slow)."""
 
 import re
 
@@ -9,7 +10,16 @@ from conftest import make_cfg
 
 from promptbake.data import load_rows, read_prompt
 from promptbake.forward import response_logits
-from promptbake.freelogits import _part_checksum, entry_key, free_teacher, load_parts, topk_dir
+from promptbake.freelogits import (
+    CHECK_ROWS,
+    entry_key,
+    free_teacher,
+    load_parts,
+    pick_check_rows,
+    read_part,
+    topk_dir,
+    write_part,
+)
 from promptbake.generate import generate
 from promptbake.loss import teacher_topk
 from promptbake.model import load_model
@@ -25,18 +35,14 @@ ATOL, RTOL = 1e-3, 1e-3  # fp16 storage of an fp32 log-prob: at most half an fp1
 
 
 @pytest.fixture(scope="module")
-def model(embedded_dir):
-    return load_model(embedded_dir)
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
 
 
-def cfg_for(embedded_dir, **kw):
-    kw = {"model_name_or_path": embedded_dir, "training_prompts": QUERIES, "temperatures": [0.7], "top_p": 0.9,
-          "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K, **kw}
+def cfg_for(model_dir, **kw):
+    kw = {"model_name_or_path": model_dir, "training_prompts": QUERIES, "temperatures": [0.7], "top_p": 0.9,
+          "samples_per_query": 1, "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K, **kw}
     return make_cfg(**kw)
-
-
-def run_generate(cfg, model, tokenizer, embedded_dir):
-    return generate(cfg, model, tokenizer, embedded_dir)
 
 
 def examples_of(out, tokenizer, system):
@@ -58,8 +64,21 @@ def spec(out):
             "marker_regex": "", "rows": load_rows(str(out))}
 
 
-def test_stored_topk_equal_the_teacher_pass(workdir, model, tokenizer, embedded_dir):
-    out = run_generate(cfg_for(embedded_dir), model, tokenizer, embedded_dir)
+def shift_part(path, by: float) -> None:
+    """A valid part (checksum and all) holding wrong numbers."""
+    meta, tensors = read_part(path)
+    write_part(path, meta, {**tensors, "logprobs": tensors["logprobs"] - by})
+
+
+def assert_equal_to_teacher(teacher, want_ids, want_lp):
+    assert torch.equal(teacher.ids.long(), want_ids)
+    torch.testing.assert_close(teacher.logprobs.float(), want_lp, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_stored_topk_equal_the_teacher_pass_on_the_real_model(workdir, tokenizer, embedded_dir):
+    model = load_model(embedded_dir)
+    out = generate(cfg_for(embedded_dir), model, tokenizer, embedded_dir)
     system = read_prompt("prompt.md")
     rows, examples = examples_of(out, tokenizer, system)
     entries, notes = load_parts(topk_dir(out))
@@ -68,101 +87,138 @@ def test_stored_topk_equal_the_teacher_pass(workdir, model, tokenizer, embedded_
     assert any(complete) and not all(complete), "want rows ending early beside rows cut at the cap in one batch"
     want_ids, want_lp = teacher_pass(model, tokenizer, examples)
     got = [entries[entry_key(r.key)] for r in rows]
-    for r, (_, _, resp, _, _) in zip(rows, got):
-        assert resp.tolist() == r.response_ids  # positions after the end of turn are not stored
-    ids = torch.cat([g[3] for g in got]).long()
-    lps = torch.cat([g[4] for g in got]).float()
+    for r, entry in zip(rows, got):
+        assert entry.response_ids.tolist() == r.response_ids  # positions after the end of turn are not stored
+    ids = torch.cat([g.ids for g in got]).long()
+    lps = torch.cat([g.logprobs for g in got]).float()
     assert ids.shape == want_ids.shape == (sum(e.n_response for e in examples), K)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(lps, want_lp, atol=ATOL, rtol=RTOL)
 
 
-def test_bake_reuses_them_and_falls_back_when_prompt_k_or_model_change(workdir, model, tokenizer, embedded_dir,
+def test_bake_reuses_them_and_falls_back_when_prompt_k_or_model_change(workdir, tiny, tokenizer, tiny_model_dir,
                                                                        capsys):
-    cfg = cfg_for(embedded_dir)
-    out = run_generate(cfg, model, tokenizer, embedded_dir)
+    cfg = cfg_for(tiny_model_dir)
+    out = generate(cfg, tiny, tokenizer, tiny_model_dir)
     capsys.readouterr()
-    target = prepare_target(cfg, spec(out), model, tokenizer, embedded_dir)
+    target = prepare_target(cfg, spec(out), tiny, tokenizer, tiny_model_dir)
     log = capsys.readouterr().out
     assert f"reused the generator's top-{K} for {len(QUERIES)}/{len(QUERIES)} rows" in log
     assert "teacher cache: built" not in log and not list((workdir / "data" / "cache").glob("*"))
-    want_ids, want_lp = teacher_pass(model, tokenizer, target.examples)
-    assert torch.equal(target.teacher.ids.long(), want_ids)
-    torch.testing.assert_close(target.teacher.logprobs.float(), want_lp, atol=ATOL, rtol=RTOL)
+    want_ids, want_lp = teacher_pass(tiny, tokenizer, target.examples)
+    assert_equal_to_teacher(target.teacher, want_ids, want_lp)
 
-    rows, examples = examples_of(out, tokenizer, read_prompt("prompt.md"))
-    args = (examples, rows, read_prompt("prompt.md"), embedded_dir, K, out, 8)
-    assert free_teacher(model, tokenizer, *args) is not None
+    system = read_prompt("prompt.md")
+    rows, examples = examples_of(out, tokenizer, system)
+    assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is not None
     other_prompt = "You are a cowboy. Say howdy."
     ex2, _ = build_examples(rows, tokenizer, other_prompt, "", 512, True, str(out))
-    assert free_teacher(model, tokenizer, ex2, rows, other_prompt, embedded_dir, K, out, 8) is None
+    assert free_teacher(tiny, tokenizer, ex2, rows, other_prompt, tiny_model_dir, K, out, 8) is None
     assert "another system prompt" in capsys.readouterr().out
-    assert free_teacher(model, tokenizer, examples, rows, args[2], embedded_dir, K + 1, out, 8) is None
+    assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K + 1, out, 8) is None
     assert f"stored K={K} < top_k={K + 1}" in capsys.readouterr().out
-    assert free_teacher(model, tokenizer, examples, rows, args[2], embedded_dir + "+lineage:abc", K, out, 8) is None
+    assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir + "+lineage:abc", K, out, 8) is None
     assert "another model" in capsys.readouterr().out
-    smaller = free_teacher(model, tokenizer, examples, rows, args[2], embedded_dir, K // 2, out, 8)  # a prefix of top-K
+    smaller = free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K // 2, out, 8)  # a prefix of top-K
     assert torch.equal(smaller.ids.long(), want_ids[:, :K // 2])
     capsys.readouterr()
 
     cfg.free_teacher_logits = False
-    prepare_target(cfg, spec(out), model, tokenizer, embedded_dir)
+    prepare_target(cfg, spec(out), tiny, tokenizer, tiny_model_dir)
     log = capsys.readouterr().out
     assert "teacher cache: built" in log and "free teacher logits" not in log
 
 
-def test_numbers_that_differ_from_the_teacher_pass_are_refused(workdir, model, tokenizer, embedded_dir, capsys):
-    cfg = cfg_for(embedded_dir)
-    out = run_generate(cfg, model, tokenizer, embedded_dir)
-    (part,) = topk_dir(out).glob("part-*.pt")
-    blob = torch.load(part, weights_only=True)
-    blob["tensors"]["logprobs"] = blob["tensors"]["logprobs"] - 0.05  # a valid part with wrong numbers
-    blob["sha256"] = _part_checksum(blob["meta"], blob["tensors"])
-    torch.save(blob, part)
+def test_numbers_that_differ_from_the_teacher_pass_are_refused(workdir, tiny, tokenizer, tiny_model_dir, capsys):
+    cfg = cfg_for(tiny_model_dir)
+    out = generate(cfg, tiny, tokenizer, tiny_model_dir)
+    (part,) = topk_dir(out).glob("part-*.safetensors")
+    shift_part(part, 0.05)
     capsys.readouterr()
-    prepare_target(cfg, spec(out), model, tokenizer, embedded_dir)
+    prepare_target(cfg, spec(out), tiny, tokenizer, tiny_model_dir)
     log = capsys.readouterr().out
     assert "does not match a teacher pass" in log and "teacher cache: built" in log
     assert 0.04 < float(re.search(r"max \|Δlogprob\| (\S+) ", log).group(1)) < 0.08  # 0.05, fp16-rounded
 
 
-def test_resumed_generation_keeps_them_consistent_and_a_bad_part_falls_back(workdir, model, tokenizer, embedded_dir,
+def test_a_wrong_part_is_caught_wherever_it_lies(workdir, tiny, tokenizer, tiny_model_dir, capsys):
+    """Three parts, the last one wrong, a teacher batch of 2: the old check (the first batch) read part 1 alone."""
+    out = generate(cfg_for(tiny_model_dir, gen_batch_size=3), tiny, tokenizer, tiny_model_dir)
+    parts = sorted(topk_dir(out).glob("part-*.safetensors"))
+    assert len(parts) == 3
+    shift_part(parts[-1], 0.05)
+    system = read_prompt("prompt.md")
+    rows, examples = examples_of(out, tokenizer, system)
+    capsys.readouterr()
+    assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 2) is None
+    log = capsys.readouterr().out
+    assert "does not match a teacher pass on 3 rows" in log and f"first in {parts[-1].name}" in log
+
+
+def test_bf16_noise_passes_and_a_small_shift_is_refused(workdir, tiny_model_dir, tokenizer, capsys):
+    """bf16's per-position tolerance (0.5 + 0.1|lp|, sized from measured noise) is wider than the 0.05 shift: the mean
+    difference refuses it."""
+    model = load_model(tiny_model_dir).to(torch.bfloat16)
+    out = generate(cfg_for(tiny_model_dir), model, tokenizer, tiny_model_dir)
+    system = read_prompt("prompt.md")
+    rows, examples = examples_of(out, tokenizer, system)
+    capsys.readouterr()
+    assert free_teacher(model, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is not None
+    assert "checked on 8 rows of 1 parts" in capsys.readouterr().out
+    (part,) = topk_dir(out).glob("part-*.safetensors")
+    shift_part(part, 0.05)
+    assert free_teacher(model, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is None
+    shift = float(re.search(r"shifted on average by (\S+),", capsys.readouterr().out).group(1))
+    assert -0.06 < shift < -0.04  # stored minus fresh: 0.05 lower, fp16-rounded
+
+
+def test_check_rows_cover_every_part_and_at_least_a_batch():
+    part_of = ["a"] * 5 + ["b"] * 3 + ["c"]
+    n_response = [1, 9, 2, 8, 3, 5, 7, 6, 4]
+    # each part's longest first (a: 1, b: 6, c: 8), then the next longest of each in turn up to a batch of 5
+    assert pick_check_rows(list(range(9)), part_of, n_response, 5) == [1, 6, 8, 3, 7]
+    assert pick_check_rows(list(range(9)), part_of, n_response, 2) == [1, 6, 8]  # every part, even past a batch
+    assert pick_check_rows([0, 2], part_of, n_response, 8) == [2, 0]  # no more rows than are reused
+    many = [f"p{i:03d}" for i in range(100)]
+    picks = pick_check_rows(list(range(100)), many, [1] * 100, 8)
+    assert len(picks) == CHECK_ROWS and picks[0] == 0 and picks[-1] == 99 and picks == sorted(set(picks))
+
+
+def test_resumed_generation_keeps_them_consistent_and_a_bad_part_falls_back(workdir, tiny, tokenizer, tiny_model_dir,
                                                                             capsys):
-    cfg = cfg_for(embedded_dir, gen_batch_size=3)
-    out = run_generate(cfg, model, tokenizer, embedded_dir)
-    parts = sorted(topk_dir(out).glob("part-*.pt"))
+    cfg = cfg_for(tiny_model_dir, gen_batch_size=3)
+    out = generate(cfg, tiny, tokenizer, tiny_model_dir)
+    parts = sorted(topk_dir(out).glob("part-*.safetensors"))
     assert len(parts) == 3
     # a crash: the last part written, its rows not yet; and one row of the batch before it lost too
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:2]))
-    run_generate(cfg, model, tokenizer, embedded_dir)
+    generate(cfg, tiny, tokenizer, tiny_model_dir)
     assert f"resuming: 2 of {len(QUERIES)} rows" in capsys.readouterr().out
-    assert len(list(topk_dir(out).glob("part-*.pt"))) > 3
+    assert len(list(topk_dir(out).glob("part-*.safetensors"))) > 3
     system = read_prompt("prompt.md")
     rows, examples = examples_of(out, tokenizer, system)
-    want_ids, want_lp = teacher_pass(model, tokenizer, examples)
-    teacher = free_teacher(model, tokenizer, examples, rows, system, embedded_dir, K, out, 8)
+    want_ids, want_lp = teacher_pass(tiny, tokenizer, examples)
+    teacher = free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8)
     assert f"for {len(QUERIES)}/{len(QUERIES)} rows" in capsys.readouterr().out
-    assert torch.equal(teacher.ids.long(), want_ids)
-    torch.testing.assert_close(teacher.logprobs.float(), want_lp, atol=ATOL, rtol=RTOL)
+    assert_equal_to_teacher(teacher, want_ids, want_lp)
 
-    newest = sorted(topk_dir(out).glob("part-*.pt"))[-1]
+    newest = sorted(topk_dir(out).glob("part-*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[:-200])  # truncated: its rows get the teacher pass
-    teacher = free_teacher(model, tokenizer, examples, rows, system, embedded_dir, K, out, 8)
+    teacher = free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8)
     log = capsys.readouterr().out
     assert f"{newest.name} is corrupt or truncated" in log and "teacher pass for " in log
-    assert torch.equal(teacher.ids.long(), want_ids)
-    torch.testing.assert_close(teacher.logprobs.float(), want_lp, atol=ATOL, rtol=RTOL)
+    assert_equal_to_teacher(teacher, want_ids, want_lp)
 
-    for p in topk_dir(out).glob("part-*.pt"):
+    for p in topk_dir(out).glob("part-*.safetensors"):
         p.unlink()
-    assert free_teacher(model, tokenizer, examples, rows, system, embedded_dir, K, out, 8) is None
+    assert free_teacher(tiny, tokenizer, examples, rows, system, tiny_model_dir, K, out, 8) is None
 
 
-def test_switched_off_nothing_is_kept_and_a_fresh_data_file_drops_old_parts(workdir, model, tokenizer, embedded_dir):
-    cfg = cfg_for(embedded_dir, num_queries=2)
-    out = run_generate(cfg, model, tokenizer, embedded_dir)
-    assert list(topk_dir(out).glob("part-*.pt"))
-    run_generate(cfg_for(embedded_dir, num_queries=2, overwrite=True, free_teacher_logits=False), model, tokenizer,
-                 embedded_dir)
+def test_switched_off_nothing_is_kept_and_a_fresh_data_file_drops_old_parts(workdir, tiny, tokenizer, tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir, num_queries=2)
+    out = generate(cfg, tiny, tokenizer, tiny_model_dir)
+    assert list(topk_dir(out).glob("part-*.safetensors"))
+    generate(cfg_for(tiny_model_dir, num_queries=2, overwrite=True, free_teacher_logits=False), tiny, tokenizer,
+             tiny_model_dir)
     assert not topk_dir(out).exists()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors import safe_open
 
 from promptbake.chat import render_prompt_ids
 from promptbake.data import Row
@@ -93,7 +94,15 @@ def test_cache_reused_and_corrupt_shard_rebuilt(tiny, tokenizer, tmp_path, capsy
     again = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "reusing" in capsys.readouterr().out
     assert torch.equal(again.ids, first.ids)
-    (shard,) = tmp_path.glob("shard-*.pt")
+    (shard,) = tmp_path.glob("shard-*.safetensors")
+    with safe_open(str(shard), framework="pt") as f:  # no pickle: plain tensors, the checksum in the metadata
+        assert set(f.keys()) == {"offsets", "response_ids", "ids", "logprobs"} and '"sha256":' in f.metadata()["promptbake"]
+    flipped = bytearray(shard.read_bytes())
+    flipped[-3] ^= 0xFF  # a flipped byte among the numbers: the file still parses
+    shard.write_bytes(bytes(flipped))
+    rebuilt = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
+    assert "corrupt or truncated; rebuilding" in capsys.readouterr().out
+    assert torch.equal(rebuilt.ids, first.ids)
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a crash or a full disk
     rebuilt = teacher_cache(tiny, tokenizer, examples, 8, tmp_path, 2)
     assert "corrupt or truncated; rebuilding" in capsys.readouterr().out
@@ -113,6 +122,22 @@ def test_alignment_mismatch_names_row_and_tokens(tiny, tokenizer, tmp_path):
     examples[1].student_ids[-2] = 9999
     with pytest.raises(UserError, match=r"data.jsonl:2: the student's response tokens differ.*student \[.*teacher \["):
         check_alignment(examples, cache, tokenizer, "data.jsonl")
+
+
+def test_a_cache_computed_for_other_response_tokens_is_refused(tiny, tokenizer, tmp_path):
+    """What check_alignment can catch: the cache folder holds numbers for another tokenization of the same rows (the
+    generator's own ids, then the text re-encoded); student and teacher ids agree by construction."""
+    text = rows(2)
+    chars = [tokenizer.convert_tokens_to_ids(c) for c in "Arr"]  # "Arr" spelled letter by letter, as a sampler may
+    generated = [Row(r.line, r.context, r.response, chars + tokenizer.encode(r.response[3:], add_special_tokens=False),
+                     False) for r in text]
+    by_ids, _ = build_examples(generated, tokenizer, SYSTEM, "", 512, True, "data.jsonl")
+    teacher_cache(tiny, tokenizer, by_ids, 4, tmp_path, 4)
+    by_text, _ = build_examples(generated, tokenizer, SYSTEM, "", 512, False, "data.jsonl")
+    assert all(e.student_ids[-e.n_response:] == e.teacher_ids[-e.n_response:] for e in by_text)
+    cache = teacher_cache(tiny, tokenizer, by_text, 4, tmp_path, 4)  # same folder: the shards are reused
+    with pytest.raises(UserError, match=r"data.jsonl:1: the student's response tokens differ .* at token 0"):
+        check_alignment(by_text, cache, tokenizer, "data.jsonl")
 
 
 def test_prompt_longer_than_context(tokenizer):

@@ -31,7 +31,8 @@ def model(embedded_dir):
 
 def cfg_for(embedded_dir, **kw):
     kw = {"model_name_or_path": embedded_dir, "training_prompts": QUERIES, "temperatures": [0.7], "top_p": 0.9,
-          "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K, **kw}
+          "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K,
+          "samples_per_query": 1, "drop_loops": False, **kw}
     return make_cfg(**kw)
 
 

@@ -207,21 +207,31 @@ def generic_questions(n: int, seed: int) -> tuple[list[str], str]:
         return seed_queries()[::-1][:n], "builtin"
 
 
+def read_queries_file(path: Path) -> tuple[list[str], str | None]:
+    """(queries, the prompt hash in its header or None); lines starting with # are comments."""
+    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    sha = next((m.group(1) for s in lines if (m := re.match(r"#.*\bprompt sha256 ([0-9a-f]{12})", s))), None)
+    return [s for s in lines if not s.startswith("#")], sha
+
+
 def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> list[str]:
-    """Prompt-aware queries to data/<name>.queries.txt; a file there is reused as is (the user may have edited it)."""
-    path = queries_path(cfg)
-    if path.exists() and not cfg.overwrite:
-        queries = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
-        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it or --overwrite to write new ones)")
-        if Path(cfg.prompt_file).exists() and Path(cfg.prompt_file).stat().st_mtime > path.stat().st_mtime:
-            print(f"note: {path} is older than {cfg.prompt_file}: its questions may be about an earlier prompt")
+    """Prompt-aware queries to data/<name>.queries.txt. A file there is always reused as is (the user may have
+    edited it; --overwrite too keeps it): delete it to write new ones."""
+    path, sha = queries_path(cfg), sha256_text(system)[:12]
+    if path.exists():
+        queries, was = read_queries_file(path)
+        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it to write new ones)")
+        if was is not None and was != sha:
+            print(f"note: {path} was written for another system prompt; delete it to write queries about this one")
         return queries
     queries, report = prompt_queries(system, n, seed_queries(), seed=cfg.seed, model_share=float(writer == "model"),
                                      ask_many=ask_many if writer == "model" else None)
     if not queries:
         raise UserError(f"{cfg.prompt_file}: no usable prompt-aware queries could be written; give queries instead "
                         f"(--prompts FILE) or leave `prompt` out of --query_mix")
-    atomic_write_bytes(path, ("\n".join(queries) + "\n").encode())
+    head = (f"# Questions about {cfg.prompt_file} (prompt sha256 {sha}), written by {writer}: one a line, edit freely; "
+            f"lines starting with # are ignored; delete this file to write new ones.\n")
+    atomic_write_bytes(path, (head + "\n".join(queries) + "\n").encode())
     dropped = {k: v for k, v in {**report["model_rejected"], **report["frames_rejected"]}.items() if k != "asked"}
     print(f"prompt-aware queries: wrote {len(queries)} to {path} ({report['model']} by the model, {report['frames']} "
           f"from frames; dropped: {dropped or 'none'}); edit the file and rerun to use your version")

@@ -75,7 +75,7 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     assert {r["generation"]["source"] for r in rows} <= {"prompt", "generic", "builtin"}
     printed = capsys.readouterr().out
     assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames)" in printed
-    assert "x 2 temperatures (1, 2; min_p 0.1) x 1 samples = 20 answers of up to 160 tokens" in printed
+    assert "x 2 temperatures (1, 2; min_p 0.1 above 1) x 1 samples = 20 answers of up to 160 tokens" in printed
     assert "min for 20 answers" in printed and "truncated" in printed
     # the user edits the queries file: it is used as is, even with --overwrite
     path = workdir / "data" / "default.queries.txt"
@@ -184,7 +184,7 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     seeds = {}
 
     def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, seed=None, min_p=0.0, **kw):
-        assert min_p == 0.1  # the config's guard reaches the sampler
+        assert min_p == (0.1 if temperature > 1 else 0.0)  # the config's guard reaches the hot sampler only
         seeds.setdefault((temperature, len(seeds)), seed)
         return [([1], True, None) for _ in prompts]
 

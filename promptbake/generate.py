@@ -472,6 +472,8 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
         total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
         print_plan(cfg, sources, len(jobs), total, device, writer)
         if queries_only:
+            if "prompt" not in sources:
+                print("note: this mix has no prompt-aware queries: there is no queries file to edit")
             return queries_path(cfg)
         if not out.exists():  # a fresh data file: an earlier one's stored logits go with it
             shutil.rmtree(topk_dir(out), ignore_errors=True)

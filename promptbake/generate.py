@@ -239,9 +239,15 @@ def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> lis
 
 
 def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]:
-    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped."""
+    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped.
+    The generic pool (11k questions) comes last and makes up what the others fell short of (a short prompt has
+    few frames to fill)."""
     plan, rows, seen, counts = query_plan(cfg), Rows(), set(), {}
+    if "generic" in plan:
+        plan = {**{k: v for k, v in plan.items() if k != "generic"}, "generic": plan["generic"]}
     for source, n in plan.items():
+        if source == "generic":
+            n = max(0, n + sum(plan[k] - counts.get(k, 0) for k in plan if k not in ("generic", "user")))
         if source == "user":
             got = user_rows(cfg)
             rows.skipped += got.skipped

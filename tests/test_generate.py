@@ -74,7 +74,7 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     rows = rows_of(out)
     assert {r["generation"]["source"] for r in rows} <= {"prompt", "generic", "builtin"}
     printed = capsys.readouterr().out
-    assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames)" in printed
+    assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames), builtin 3, generic 3)" in printed
     assert "x 2 temperatures (1, 2; min_p 0.1 above 1) x 1 samples = 20 answers of up to 160 tokens" in printed
     assert "min for 20 answers" in printed and "truncated" in printed
     # the user edits the queries file: it is used as is, even with --overwrite
@@ -85,6 +85,8 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     rows = rows_of(generate(cfg2))
     prompt_rows = [r["messages"][0]["content"] for r in rows if r["generation"]["source"] == "prompt"]
     assert prompt_rows == ["Why do pirates love parrots so much?"]
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["queries"] == {"prompt": 1, "builtin": 3, "generic": 6}  # generic makes up the prompt's shortfall
     out = capsys.readouterr().out
     assert "reusing data/default.queries.txt as is (1;" in out and "another system prompt" not in out
     (workdir / "prompt.md").write_text("You are a knight.")

@@ -101,7 +101,9 @@ class Config:
     # Sampling temperatures (0 = greedy). The paper samples at 2.0: a hot answer visits prefixes a cool one never
     # does, and the loss still uses the teacher's whole distribution there; min_p keeps a small model legible at 2.0
     temperatures: list[float] = items(lambda: [1.0, 2.0], 0, 5)
-    min_p: float = num(0.1, 0, 1)  # drop tokens under min_p x the top token's probability (after temperature); 0 = off
+    # At temperatures above 1: drop tokens under min_p x the top token's probability (after temperature); 0 = off.
+    # Not at 1 or below, where it made the embedded model loop more (README)
+    min_p: float = num(0.1, 0, 1)
     # Answer length cap; a response cut here is marked truncated. -1 = 160 on CPU (make bake's time), 256 on a GPU
     max_new_tokens: int = num(-1, -1, 32768)
     top_p: float = num(1.0, 0, 1, lo_open=True)

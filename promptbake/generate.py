@@ -344,21 +344,31 @@ def generic_questions(n: int, seed: int) -> tuple[list[str], str]:
         return seed_queries()[::-1][:n], "builtin"
 
 
+def read_queries_file(path: Path) -> tuple[list[str], str | None]:
+    """(queries, the prompt hash in its header or None); lines starting with # are comments."""
+    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    sha = next((m.group(1) for s in lines if (m := re.match(r"#.*\bprompt sha256 ([0-9a-f]{12})", s))), None)
+    return [s for s in lines if not s.startswith("#")], sha
+
+
 def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> list[str]:
-    """Prompt-aware queries to data/<name>.queries.txt; a file there is reused as is (the user may have edited it)."""
-    path = queries_path(cfg)
-    if path.exists() and not cfg.overwrite:
-        queries = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
-        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it or --overwrite to write new ones)")
-        if Path(cfg.prompt_file).exists() and Path(cfg.prompt_file).stat().st_mtime > path.stat().st_mtime:
-            print(f"note: {path} is older than {cfg.prompt_file}: its questions may be about an earlier prompt")
+    """Prompt-aware queries to data/<name>.queries.txt. A file there is always reused as is (the user may have
+    edited it; --overwrite too keeps it): delete it to write new ones."""
+    path, sha = queries_path(cfg), sha256_text(system)[:12]
+    if path.exists():
+        queries, was = read_queries_file(path)
+        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it to write new ones)")
+        if was is not None and was != sha:
+            print(f"note: {path} was written for another system prompt; delete it to write queries about this one")
         return queries
     queries, report = prompt_queries(system, n, seed_queries(), seed=cfg.seed, model_share=float(writer == "model"),
                                      ask_many=ask_many if writer == "model" else None)
     if not queries:
         raise UserError(f"{cfg.prompt_file}: no usable prompt-aware queries could be written; give queries instead "
                         f"(--prompts FILE) or leave `prompt` out of --query_mix")
-    atomic_write_bytes(path, ("\n".join(queries) + "\n").encode())
+    head = (f"# Questions about {cfg.prompt_file} (prompt sha256 {sha}), written by {writer}: one a line, edit freely; "
+            f"lines starting with # are ignored; delete this file to write new ones.\n")
+    atomic_write_bytes(path, (head + "\n".join(queries) + "\n").encode())
     dropped = {k: v for k, v in {**report["model_rejected"], **report["frames_rejected"]}.items() if k != "asked"}
     print(f"prompt-aware queries: wrote {len(queries)} to {path} ({report['model']} by the model, {report['frames']} "
           f"from frames; dropped: {dropped or 'none'}); edit the file and rerun to use your version")
@@ -366,9 +376,15 @@ def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> lis
 
 
 def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]:
-    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped."""
+    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped.
+    The generic pool (11k questions) comes last and makes up what the others fell short of (a short prompt has
+    few frames to fill)."""
     plan, rows, seen, counts = query_plan(cfg), Rows(), set(), {}
+    if "generic" in plan:
+        plan = {**{k: v for k, v in plan.items() if k != "generic"}, "generic": plan["generic"]}
     for source, n in plan.items():
+        if source == "generic":
+            n = max(0, n + sum(plan[k] - counts.get(k, 0) for k in plan if k not in ("generic", "user")))
         if source == "user":
             got = user_rows(cfg)
             rows.skipped += got.skipped
@@ -564,8 +580,9 @@ def print_plan(cfg, sources: dict, jobs: int, total: int, device: str, writer: s
     where = {"prompt": f"{queries_path(cfg)}, written by {writer}"}
     by_source = ", ".join(f"{k} {v}" + (f" ({where[k]})" if k in where else "") for k, v in sources.items())
     temps = ", ".join(f"{t:g}" for t in cfg.temperatures)
+    guard = f"; min_p {cfg.min_p:g} above 1" if cfg.min_p and max(cfg.temperatures) > 1 else ""
     print(f"plan: {sum(sources.values())} queries ({by_source}) x {len(cfg.temperatures)} temperatures ({temps}"
-          f"{f'; min_p {cfg.min_p:g}' if cfg.min_p else ''}) x {cfg.samples_per_query} samples = {total} answers of up "
+          f"{guard}) x {cfg.samples_per_query} samples = {total} answers of up "
           f"to {cfg.max_new_tokens} tokens" + (f"; {total - jobs} already written" if jobs < total else ""))
     secs = estimate_s(jobs, cfg.max_new_tokens, device)
     if secs is not None:
@@ -603,6 +620,8 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
         total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
         print_plan(cfg, sources, len(jobs), total, device, writer)
         if queries_only:
+            if "prompt" not in sources:
+                print("note: this mix has no prompt-aware queries: there is no queries file to edit")
             return queries_path(cfg)
         if not out.exists():  # a fresh data file: an earlier one's stored logits go with it
             shutil.rmtree(topk_dir(out), ignore_errors=True)
@@ -657,6 +676,12 @@ def finish_data(out: Path, meta_path: Path, meta: dict, counts: dict, client, do
         raise UserError(f"{out}: no rows were written (every answer was empty or filtered); check the model or API")
 
 
+def hot_min_p(cfg, temperature: float) -> float:
+    """min_p guards hot samples only: at 1.0 on the embedded model it made 6 of 16 pirate answers loop, against 2
+    of 16 without it (README)."""
+    return cfg.min_p if temperature > 1 else 0.0
+
+
 def _run_local(model, tokenizer, jobs, system, cfg, emit, parts=None):
     """Answers the jobs in batches; with `parts` (a freelogits.PartWriter), each batch's top-K is written
     before its rows, so every row on disk has its logits stored (a part's entries without a row are ignored)."""
@@ -667,7 +692,7 @@ def _run_local(model, tokenizer, jobs, system, cfg, emit, parts=None):
         for batch in answer_locally(model, tokenizer, rows, system, temperature=temp, max_new_tokens=cfg.max_new_tokens,
                                     batch_size=cfg.gen_batch_size, top_p=cfg.top_p, seed=(cfg.seed, temp, index),
                                     progress=False, keep_topk=cfg.top_k if parts is not None else 0,
-                                    min_p=cfg.min_p):
+                                    min_p=hot_min_p(cfg, temp)):
             if parts is not None:
                 parts.write([(a, row_key(a.row.context, index, temp)) for a in batch])
             for a in batch:

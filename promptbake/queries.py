@@ -170,7 +170,8 @@ def looks_english(text: str) -> bool:
 
 def keep_query(query: str, system: str, *, need_question: bool = False) -> str | None:
     """None when the query is usable, else why not: length, off-language, a copy of the prompt, or nothing in
-    common with it. `need_question`: a model-written query must ask something (end in ? or start with a request)."""
+    common with it. `need_question`: a model-written query must ask something (end in ? or start with a request)
+    and not echo the writer's example (two of its words the prompt lacks: the 135M writer often does)."""
     n = len(words(query))
     if n < MIN_WORDS or n > MAX_WORDS:
         return "length"
@@ -181,6 +182,8 @@ def keep_query(query: str, system: str, *, need_question: bool = False) -> str |
         return "copies the prompt"
     if not content_words(query) & content_words(system):
         return "not about the prompt"
+    if need_question and len((content_words(query) & content_words(WRITER_EXAMPLE)) - content_words(system)) >= 2:
+        return "copies the example"
     if need_question and not (query.rstrip().endswith("?") or
                               re.match(r"(tell|explain|describe|give|write|can|could|please|what|why|how)\b", q)):
         return "not a question"
@@ -237,8 +240,12 @@ def frame_candidates(system: str, generic: list[str], seed: int = 0, n: int = 24
     return [k[i] for i in range(max(map(len, kinds))) for k in kinds if i < len(k)]
 
 
+WRITER_EXAMPLE = "The cafe opens at 9 and only serves tea. Can I get a coffee at 8?"
+
+
 def writer_request(system: str) -> list[dict]:
-    """One request to a chat model for one question about the prompt; a fixed example shows the form."""
+    """One request to a chat model for one question about the prompt; a fixed example (WRITER_EXAMPLE) shows the
+    form."""
     return [{"role": "user", "content":
              "Here is an example.\nInstructions: The cafe opens at 9 and only serves tea.\nQuestion a user asks: Can I "
              "get a coffee at 8?\n\nNow the same for these instructions. Write one question a user could ask about "

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     gen = script("generate_data.py", "--num_queries", 12, "--temperatures", "0.7", "--max_new_tokens", 32,
-                 "--gen_batch_size", 12, cwd=workdir)
+                 "--gen_batch_size", 12, "--samples_per_query", 1, "--drop_loops", "false", cwd=workdir)
     assert "backend: local" in gen.stdout
     rows = [orjson.loads(line) for line in (workdir / "data" / "default.jsonl").read_text().splitlines()]
     assert len(rows) == 12
@@ -76,9 +76,9 @@ def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):
 
 def test_model_writes_queries_that_fit_the_prompt(workdir, embedded_dir):
     out = script("generate_data.py", "--generate_queries", 6, "--temperatures", "0.7", "--max_new_tokens", 16,
-                 cwd=workdir)
-    queries = (workdir / "data" / "default.queries.txt").read_text().splitlines()
+                 "--samples_per_query", 1, "--drop_loops", "false", cwd=workdir)
+    queries = [q for q in (workdir / "data" / "default.queries.txt").read_text().splitlines() if not q.startswith("#")]
     assert 1 <= len(queries) <= 6 and len(set(queries)) == len(queries)
     rows = [orjson.loads(line) for line in (workdir / "data" / "default.jsonl").read_text().splitlines()]
     assert sorted(r["messages"][0]["content"] for r in rows) == sorted(queries)
-    assert f"wrote {len(queries)} queries" in out.stdout
+    assert f"prompt-aware queries: wrote {len(queries)} to data/default.queries.txt" in out.stdout

@@ -32,7 +32,8 @@ def write_pairs(path, n):
 @pytest.mark.slow
 def test_kill_during_generation_then_rerun(workdir, tiny_model_dir):
     args = ["--model_name_or_path", tiny_model_dir, "--num_queries", 40, "--temperatures", "0.7,1.0",
-            "--max_new_tokens", 12, "--gen_batch_size", 4]
+            "--max_new_tokens", 12, "--gen_batch_size", 4,
+            "--samples_per_query", 1, "--drop_loops", "false"]
     data = workdir / "data" / "default.jsonl"
     kill_when("generate_data.py", *args, cwd=workdir, ready=lambda: len(lines(data)) >= 10)
     n_before = len(lines(data))

@@ -41,7 +41,8 @@ def tiny(tiny_model_dir):
 
 def cfg_for(model_dir, **kw):
     kw = {"model_name_or_path": model_dir, "training_prompts": QUERIES, "temperatures": [0.7], "top_p": 0.9,
-          "samples_per_query": 1, "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K, **kw}
+          "samples_per_query": 1, "max_new_tokens": 16, "gen_batch_size": 8, "top_k": K,
+          "drop_loops": False, **kw}
     return make_cfg(**kw)
 
 

@@ -71,24 +71,28 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     assert counts["truncated_share"] == round(counts["truncated"] / counts["written"], 4)
     assert sum(counts["rows_by_source"].values()) == counts["written"]
     written = (workdir / "data" / "default.queries.txt").read_text().splitlines()
-    assert len(written) == 4
+    assert len(written) == 5 and written[0].startswith("# Questions about prompt.md (prompt sha256 ")
     rows = rows_of(out)
     assert {r["generation"]["source"] for r in rows} <= {"prompt", "generic", "builtin"}
     printed = capsys.readouterr().out
-    assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames)" in printed
-    assert "x 2 temperatures (1, 2; min_p 0.1) x 1 samples = 20 answers of up to 160 tokens" in printed
+    assert "plan: 10 queries (prompt 4 (data/default.queries.txt, written by frames), builtin 3, generic 3)" in printed
+    assert "x 2 temperatures (1, 2; min_p 0.1 above 1) x 1 samples = 20 answers of up to 160 tokens" in printed
     assert "min for 20 answers" in printed and "truncated" in printed
-    # the user edits the queries file: it is used as is
-    (workdir / "data" / "default.queries.txt").write_text("Why do pirates love parrots so much?\n")
-    generate(make_cfg(model_name_or_path=tiny_model_dir, num_queries=10, temperatures=[1.0], samples_per_query=1,
-                      max_new_tokens=4, overwrite=False, name="default2"))  # another name: writes its own file
+    # the user edits the queries file: it is used as is, even with --overwrite
+    path = workdir / "data" / "default.queries.txt"
+    path.write_text(written[0] + "\nWhy do pirates love parrots so much?\n")
     cfg2 = make_cfg(model_name_or_path=tiny_model_dir, num_queries=10, temperatures=[1.0], samples_per_query=1,
-                    max_new_tokens=4, drop_loops=False)
-    (workdir / "data" / "default.jsonl").unlink()
+                    max_new_tokens=4, drop_loops=False, overwrite=True)
     rows = rows_of(generate(cfg2))
     prompt_rows = [r["messages"][0]["content"] for r in rows if r["generation"]["source"] == "prompt"]
     assert prompt_rows == ["Why do pirates love parrots so much?"]
-    assert "reusing data/default.queries.txt as is (1;" in capsys.readouterr().out
+    meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
+    assert meta["queries"] == {"prompt": 1, "builtin": 3, "generic": 6}  # generic makes up the prompt's shortfall
+    out = capsys.readouterr().out
+    assert "reusing data/default.queries.txt as is (1;" in out and "another system prompt" not in out
+    (workdir / "prompt.md").write_text("You are a knight.")
+    generate(cfg2)
+    assert "was written for another system prompt" in capsys.readouterr().out
 
 
 def test_generic_questions_fall_back_to_builtins_without_the_package(monkeypatch, capsys):
@@ -106,7 +110,7 @@ def test_generic_questions_fall_back_to_builtins_without_the_package(monkeypatch
 
 def test_queries_only_stops_after_the_plan(workdir, tiny_model_dir, capsys):
     path = generate(make_cfg(model_name_or_path=tiny_model_dir, num_queries=5), queries_only=True)
-    assert path.name == "default.queries.txt" and len(path.read_text().splitlines()) == 2
+    assert path.name == "default.queries.txt" and len(path.read_text().splitlines()) == 1 + 2
     assert not (workdir / "data" / "default.jsonl").exists()
     assert "plan: 5 queries" in capsys.readouterr().out
 
@@ -183,7 +187,7 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     seeds = {}
 
     def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, seed=None, min_p=0.0, **kw):
-        assert min_p == 0.1  # the config's guard reaches the sampler
+        assert min_p == (0.1 if temperature > 1 else 0.0)  # the config's guard reaches the hot sampler only
         seeds.setdefault((temperature, len(seeds)), seed)
         return [([1], True, None) for _ in prompts]
 

@@ -70,7 +70,8 @@ def rows_of(path):
 
 def test_api_rows_have_the_local_format(workdir, server, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
-    out = generate(make_cfg(api_base_url=server, num_queries=4, temperatures=[0.7, 1.0], max_new_tokens=24))
+    out = generate(make_cfg(api_base_url=server, num_queries=4, temperatures=[0.7, 1.0], max_new_tokens=24,
+                            prompts="builtin", samples_per_query=1, drop_loops=False))
     rows = rows_of(out)
     assert len(rows) == 8
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
@@ -89,6 +90,7 @@ def test_load_200_rows_at_concurrency_8(workdir, server, capsys):
     prompts = workdir / "p.txt"
     prompts.write_text("".join(f"Give me fact number {i} about the sea.\n" for i in range(100)))
     out = generate(make_cfg(api_base_url=server, prompts=str(prompts), temperatures=[0.7, 1.0], max_new_tokens=8,
+                            samples_per_query=1, drop_loops=False,
                             concurrency=8))
     rows = rows_of(out)
     keys = {(r["messages"][0]["content"], r["generation"]["temperature"]) for r in rows}
@@ -105,7 +107,8 @@ def test_api_goes_down_mid_run_then_back(workdir, server, tmp_path):
 
     port = free_port()
     proc, url = start_server(port, tmp_path / "s1.log")
-    cfg = make_cfg(api_base_url=url, num_queries=30, temperatures=[0.7], max_new_tokens=8, concurrency=2, max_retries=2)
+    cfg = make_cfg(api_base_url=url, num_queries=30, temperatures=[0.7], max_new_tokens=8, concurrency=2, max_retries=2,
+                   prompts="builtin", samples_per_query=1, drop_loops=False)
     data = workdir / "data" / "default.jsonl"
     errors = []
 
@@ -142,14 +145,16 @@ def test_readme_env_path_sends_the_requests_to_the_server(workdir, server):
 
     (workdir / ".env").write_text(f"API_BASE_URL={server}\nAPI_MODEL=smol\nOPENAI_API_KEY={SENTINEL}\n")
     p = script("generate_data.py", "--num_queries", "3", "--temperatures", "0.7", "--max_new_tokens", "16",
-               "--generate_queries", "3", cwd=workdir, API_BASE_URL=None, API_MODEL=None)
+               "--generate_queries", "3", "--samples_per_query", "1", "--drop_loops", "false", cwd=workdir,
+               API_BASE_URL=None, API_MODEL=None)
     assert f"api_base_url: {server} <- $API_BASE_URL (from .env)" in p.stdout
     assert "backend: api" in p.stdout
     meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
     assert meta["settings"]["backend"] == "api" and meta["settings"]["model"] == "api:smol"
     assert meta["api"]["requests"] >= 3 and meta["status"] == "complete"
     assert len(rows_of(workdir / "data" / "default.jsonl")) == 3
-    assert len((workdir / "data" / "default.queries.txt").read_text().splitlines()) == 3  # written by the server too
+    queries = (workdir / "data" / "default.queries.txt").read_text().splitlines()
+    assert len([q for q in queries if not q.startswith("#")]) == 3  # written by the server too (or frames)
     for f in (workdir / "data").glob("*"):
         if f.is_file():
             assert SENTINEL not in f.read_text(errors="replace")

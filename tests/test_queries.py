@@ -66,6 +66,7 @@ def test_the_filter(text, why):
 
 def test_model_written_queries_are_filtered_and_topped_up_by_frames():
     answers = iter(["Question: Why do pirates say Arr?", "why do pirates say arr", "El pirata es muy grande y bueno?",
+                    "Can a pirate get a coffee at 8?",
                     "1. Is a pirate allowed to be polite?"] + ["How do I cook rice tonight?"] * 50)
     calls = []
 
@@ -76,6 +77,7 @@ def test_model_written_queries_are_filtered_and_topped_up_by_frames():
 
     kept, rejected = model_queries(PROMPTS["persona"], ask_many, 3, seed=0, seen=set())
     assert kept == ["Why do pirates say Arr?", "Is a pirate allowed to be polite?"]
-    assert rejected["duplicate"] == 1 and rejected["not English"] == 1 and rejected["asked"] == sum(calls)
+    assert rejected["duplicate"] == 1 and rejected["not English"] == 1 and rejected["copies the example"] == 1
+    assert rejected["asked"] == sum(calls)
     queries, report = prompt_queries(PROMPTS["persona"], 12, seed_queries(), ask_many=ask_many, model_share=0.25)
     assert len(queries) == 12 and report["model"] + report["frames"] == 12

@@ -163,7 +163,8 @@ def test_a_run_that_writes_no_rows_fails(workdir, tiny_model_dir, monkeypatch):
 
 def test_reported_count_is_the_count_on_disk(workdir, tiny_model_dir, capsys):
     """A complete last row without its newline is kept by the appender, and the summary counts the file."""
-    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7, 1.0], max_new_tokens=4)
+    cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=2, temperatures=[0.7, 1.0], max_new_tokens=4,
+                   samples_per_query=1, drop_loops=False)
     out = gen.generate(cfg)
     lines = out.read_bytes().rstrip(b"\n").split(b"\n")
     out.write_bytes(b"\n".join(lines[:3]))  # 3 complete rows, the last without "\n"; row 4 to redo
@@ -195,7 +196,8 @@ def test_api_query_writer_and_answers_share_one_client(workdir, monkeypatch):
         return real(*a, transport=httpx.MockTransport(handler), **k)
 
     monkeypatch.setattr(gen, "ChatClient", counting_client)
-    out = gen.generate(make_cfg(api_base_url="http://127.0.0.1:9/v1", generate_queries=5, temperatures=[0.7]))
+    out = gen.generate(make_cfg(api_base_url="http://127.0.0.1:9/v1", generate_queries=5, temperatures=[0.7],
+                                samples_per_query=1))
     assert len(clients) == 1 and len(read_jsonl(out)) == 5
 
 

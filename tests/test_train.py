@@ -196,7 +196,8 @@ def test_load_baked_refuses_wrong_folders(workdir, tiny_model_dir, embedded_dir)
 def test_prompts_only_data_is_answered_by_the_local_teacher_first(workdir, tiny_model_dir, capsys):
     (workdir / "data" / "default.jsonl").write_text("".join(
         orjson.dumps({"messages": [{"role": "user", "content": q}]}).decode() + "\n" for q, _ in QA))
-    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1, max_new_tokens=8, temperatures=[0.7], samples_per_query=1))
+    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1, max_new_tokens=8, temperatures=[0.7], samples_per_query=1,
+                               drop_loops=False))
     assert "holds prompts only: the local teacher answers them first" in capsys.readouterr().out
     answered = [r for _, r in read_jsonl(workdir / "data" / "default.answered.jsonl")]
     assert len(answered) == len(QA) and all(r["messages"][-1]["role"] == "assistant" for r in answered)

@@ -30,6 +30,7 @@ from .freelogits import PartWriter, header, topk_dir
 from .io import JsonlAppender, atomic_write_bytes, read_json, read_jsonl, sha256_text, write_json
 from .locks import run_lock
 from .loss import teacher_topk
+from .metrics import is_loop
 from .model import pick_device
 from .queries import norm, prompt_queries
 from .seeds import seed_queries
@@ -276,22 +277,6 @@ def derive_seed(*parts) -> int:
     """A seed from a hash of everything that identifies a sample: distinct parts never share a seed."""
     digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SERIALIZE_NUMPY)).digest()
     return int.from_bytes(digest[:8], "little") % (2**63 - 1)
-
-
-def looping(text: str, n: int = 5, repeats: int = 3) -> bool:
-    """An answer that loops: one run of n words comes back `repeats` times, or a short piece repeats ten times in a
-    row ("hahahaha...", "!!!!!!!!!!"). A small model's hot or long samples do; trained, they teach the loop.
-    (promptbake.metrics may grow a shared detector: this one is the data stage's.)"""
-    if re.search(r"(\S.{0,9}?)\1{9,}", text):
-        return True
-    ws = text.lower().split()
-    grams: dict[tuple, int] = {}
-    for i in range(len(ws) - n + 1):
-        g = tuple(ws[i:i + n])
-        grams[g] = grams.get(g, 0) + 1
-        if grams[g] >= repeats:
-            return True
-    return False
 
 
 def queries_path(cfg) -> Path:
@@ -557,7 +542,7 @@ class Progress:
             self.counts["filtered"] += 1
         elif not text.strip():
             self.counts["empty"] += 1
-        elif self.drop_loops and looping(text):  # dropped, not cut: its stored top-K then matches no row
+        elif self.drop_loops and is_loop(text):  # dropped, not cut: its stored top-K then matches no row
             self.counts["looped"] += 1
         else:
             self.counts["truncated"] += finish_reason == "length"

@@ -61,13 +61,17 @@ WORD = re.compile(r"\w+(?:'\w+)*")
 LOOP_MIN_WORDS = 8  # shorter answers are too short to call loops
 LOOP_DISTINCT_BIGRAMS = 0.5  # fewer than half of the word bigrams distinct: the answer goes round in circles
 LOOP_NGRAM, LOOP_NGRAM_REPEATS = 3, 4  # or one word 3-gram 4 times or more: a loop at the end of a longer answer
+CHAR_RUN = re.compile(r"(\S.{0,9}?)\1{9,}")  # or a piece of up to 10 characters 10 times in a row
 
 
 def is_loop(text: str) -> bool:
     """A degenerate answer: "Aye, aye, aye, aye, ..." or a phrase repeated over and over. Two signs, either enough:
     fewer than half of its word bigrams distinct (a normal answer of 20-60 words has nearly all distinct), or one word
     3-gram 4 times or more (a normal answer repeats a 3-gram twice at most; a loop that starts late still shows it).
-    Answers under 8 words are never loops: too short to tell."""
+    Answers under 8 words are never loops: too short to tell, unless a short piece runs ten times in a row
+    ("hahahahaha...", "!!!!!!!!!!"), which no word count sees."""
+    if CHAR_RUN.search(text):
+        return True
     words = [w.lower() for w in WORD.findall(text)]
     if len(words) < LOOP_MIN_WORDS:
         return False

@@ -145,9 +145,10 @@ def test_bad_query_mix_is_named(mix):
     ("1. Wash the rice. 2. Boil the water. 3. Add the rice. 4. Wait ten minutes. 5. Eat the rice.", False),
 ])
 def test_looping(text, loops):
-    from promptbake.generate import looping
+    """The data stage drops what the evaluation counts as degenerate: one detector, metrics.is_loop."""
+    from promptbake.metrics import is_loop
 
-    assert looping(text) is loops
+    assert is_loop(text) is loops
 
 
 def test_looping_answers_are_dropped_and_counted():

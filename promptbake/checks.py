@@ -157,7 +157,7 @@ def split_front_matter(text: str, path: str) -> tuple[dict, str]:
 
 def front_matter_checks(prompt_file: str) -> list[Check]:
     """The checks of a prompt file's front matter ([] when the file or its front matter is missing)."""
-    from .data import read_text
+    from .io import read_text
 
     if not prompt_file or not Path(prompt_file).is_file():
         return []

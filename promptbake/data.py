@@ -13,7 +13,7 @@ import orjson
 
 from .checks import split_front_matter
 from .errors import UserError
-from .io import read_jsonl
+from .io import check_utf8, read_jsonl, read_text
 from .seeds import seed_queries
 
 ROLES = ("system", "user", "assistant")
@@ -28,28 +28,6 @@ def _json_type(v) -> str:
     """The JSON name of a value's type, for error messages."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
-
-
-def _check_utf8(path, data: bytes, torn_end_ok: bool = False) -> None:
-    """Refuses bytes that are not UTF-8, naming the line. `torn_end_ok`: a multi-byte character cut off at
-    the very end of an append-only file is a write that was interrupted, not a wrong encoding."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if torn_end_ok and e.reason == "unexpected end of data" and b"\n" not in data[e.start:]:
-            return
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
-
-
-def read_text(path) -> str:
-    """A UTF-8 text file's contents, without a byte order mark (Windows editors add one) and with \\n line ends."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{path}: is a folder, not a text file; name the file itself")
-    data = p.read_bytes().removeprefix(codecs.BOM_UTF8)
-    _check_utf8(path, data)
-    return data.decode("utf-8").replace("\r\n", "\n")
 
 
 def read_prompt(path: str) -> str:
@@ -221,7 +199,7 @@ def _report_skipped(skipped: list[Skip]) -> None:
 
 def _json_items(path, data: bytes) -> list[tuple[int, object]]:
     data = data.removeprefix(codecs.BOM_UTF8)
-    _check_utf8(path, data)
+    check_utf8(path, data)
     try:
         items = orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -251,7 +229,7 @@ def load_rows(path: str, strip_system: bool = False) -> Rows:
     if p.suffix == ".json":
         rows = _rows_from_items(_json_items(path, data), lambda i: f"{path}: item {i}", strip_system)
     else:
-        _check_utf8(path, data, torn_end_ok=True)
+        check_utf8(path, data, torn_end_ok=True)
         items = read_jsonl(p)
         rows = _rows_from_items(items, lambda i: f"{path}:{i}", strip_system)
         torn = _torn_last_line(data, items)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import re
 import shutil
 import time
@@ -27,7 +26,7 @@ from .data import Row, Rows, load_prompts, load_rows, row_key
 from .errors import UserError
 from .forward import backbone_and_head, pad_left, softcap_logits
 from .freelogits import PartWriter, header, topk_dir
-from .io import JsonlAppender, atomic_write_bytes, read_json, read_jsonl, sha256_text, write_json
+from .io import JsonlAppender, atomic_write_bytes, derive_seed, read_json, read_jsonl, sha256_text, write_json
 from .locks import run_lock
 from .loss import teacher_topk
 from .metrics import is_loop
@@ -273,12 +272,6 @@ def answer_locally(model, tokenizer, rows: list[Row], system: str | None, *, tem
 
 
 # ---------------------------------------------------------------- seeds and queries
-def derive_seed(*parts) -> int:
-    """A seed from a hash of everything that identifies a sample: distinct parts never share a seed."""
-    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SERIALIZE_NUMPY)).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
-
-
 def queries_path(cfg) -> Path:
     return Path(cfg.data_dir) / f"{cfg.name}.queries.txt"
 

@@ -6,6 +6,7 @@ into a one-line UserError naming the path and the reason, and leaves nothing hal
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import os
@@ -311,3 +312,32 @@ def reading(path: str | Path):
     except SHAPE_ERRORS as e:
         raise UserError(f"{path}: not as promptbake writes it ({type(e).__name__}: {str(e)[:80]}); restore it, or "
                         f"delete it and rerun the step that wrote it") from None
+
+
+# ---------------------------------------------------------------- text files and seeds
+def check_utf8(path, data: bytes, torn_end_ok: bool = False) -> None:
+    """Refuses bytes that are not UTF-8, naming the line. `torn_end_ok`: a multi-byte character cut off at
+    the very end of an append-only file is a write that was interrupted, not a wrong encoding."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if torn_end_ok and e.reason == "unexpected end of data" and b"\n" not in data[e.start:]:
+            return
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file's contents, without a byte order mark (Windows editors add one) and with \\n line ends."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path}: is a folder, not a text file; name the file itself")
+    data = p.read_bytes().removeprefix(codecs.BOM_UTF8)
+    check_utf8(path, data)
+    return data.decode("utf-8").replace("\r\n", "\n")
+
+
+def derive_seed(*parts) -> int:
+    """A seed from a hash of everything that identifies a sample: distinct parts never share a seed."""
+    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SERIALIZE_NUMPY)).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 import re
 
+from .io import derive_seed
+
 # English function words: a question with none of them is not English; content words are the rest.
 STOPWORDS = set("""a about above after again against all also always am an and any are as at be because been before
 being below between both but by can could did do does doing don't down during each either every few for from further
@@ -255,7 +257,6 @@ def writer_request(system: str) -> list[dict]:
 
 def model_queries(system: str, ask_many, n: int, seed: int, seen: set, rounds: int = 3) -> tuple[list[str], dict]:
     """Asks the model for questions until n pass the filter or `rounds` run out; returns (kept, rejected counts)."""
-    from .generate import derive_seed  # lazy: generate imports this module
 
     kept, rejected = [], {"asked": 0}
     for attempt in range(rounds):

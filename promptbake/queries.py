@@ -47,6 +47,7 @@ IMPERATIVE_START = re.compile(r"(always|never|only|do not|don't|answer|reply|res
                               r"keep|write|speak|talk|be|give|say|add|include|mention|sign|greet|call|stay)\b", re.I)
 YEAR = re.compile(r"\b(in|since|from|until|by) (1[6-9]\d\d|20\d\d)\b")
 NUMBER = re.compile(r"(?<![\d:.,])\b\d[\d,]*(\.\d+)?\b(?![:\d])")
+COPULA = re.compile(r"((?i:the|its|our|your|their|his|her)) ([\w' -]{2,40}?) (is|are|was|were) (?!in\b|at\b|from\b)(.{2,})")
 NAME_AFTER = re.compile(r"\b(by|in|at|from) ([A-Z][\w'-]+(?: [A-Z][\w'-]+){0,3}(?:, [A-Z][\w'-]+)?)")
 LABEL = re.compile(r"^[^,:]{2,40}:\s+(?=\S+(?:\s+\S+){3})")  # "Facts about the company: ..." -> the fact
 
@@ -135,6 +136,11 @@ def echo_questions(sentence: str) -> list[str]:
     for m in NAME_AFTER.finditer(s):
         if m.start() > 0:
             out.append(s[:m.start()] + ("by whom" if m.group(1) == "by" else "where") + s[m.end():])
+    m = COPULA.match(s)
+    if m:  # "The CEO is Marcus Obi." -> "Who is the CEO?": a question that asks for the fact, not one that states it
+        det, subject, verb, value = m.groups()
+        wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z]", value) else "What"
+        out += [f"{wh} {verb} {det.lower()} {subject}", f"Do you know {wh.lower()} {det.lower()} {subject} {verb}"]
     return [q[0].upper() + q[1:] + "?" for q in (re.sub(r"\s+", " ", q).strip(" ,") for q in out)]
 
 
@@ -230,7 +236,8 @@ def frame_candidates(system: str, generic: list[str], seed: int = 0, n: int = 24
     per_rule = max(2, n // (4 * max(1, len(rules))))
 
     kinds = [
-        [q for s in statements for q in echo_questions(s)] + each(FACT_FRAMES, ps, "p"),
+        [q for s in statements for q in echo_questions(s)],
+        each(FACT_FRAMES, ps, "p"),
         each(STATEMENT_FRAMES, statements, "s") + each(QUOTE_FRAMES, quotes(system), "x"),
         each(RULE_FRAMES, rules, "r"),
         [f.format(q=rng.choice(gq), r=r, v=violation(r)) for f in TEMPT_FRAMES for r in rules for _ in range(per_rule)],
@@ -239,7 +246,14 @@ def frame_candidates(system: str, generic: list[str], seed: int = 0, n: int = 24
     ]
     for k in kinds:
         rng.shuffle(k)
-    return [k[i] for i in range(max(map(len, kinds))) for k in kinds if i < len(k)]
+    # a fact sheet's facts each need a question that asks for them: those get a turn per two statements in every round
+    turns = [max(1, len(statements) // 2)] + [1] * (len(kinds) - 1)
+    queues = [iter(k) for k in kinds]
+    out = []
+    while len(out) < sum(map(len, kinds)):
+        for q, t in zip(queues, turns):
+            out += [x for x in (next(q, None) for _ in range(t)) if x is not None]
+    return out
 
 
 WRITER_EXAMPLE = "The cafe opens at 9 and only serves tea. Can I get a coffee at 8?"

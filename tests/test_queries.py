@@ -81,3 +81,14 @@ def test_model_written_queries_are_filtered_and_topped_up_by_frames():
     assert rejected["asked"] == sum(calls)
     queries, report = prompt_queries(PROMPTS["persona"], 12, seed_queries(), ask_many=ask_many, model_share=0.25)
     assert len(queries) == 12 and report["model"] + report["frames"] == 12
+
+
+def test_fact_statements_become_questions_that_ask_for_the_fact():
+    """A fact sheet's "X is Y" lines: the question asks for Y without stating it, so the student must recall it."""
+    from promptbake.queries import echo_questions
+
+    assert echo_questions("The CEO is Marcus Obi.") == ["Who is the CEO?", "Do you know who the CEO is?"]
+    assert echo_questions("The company colour is teal.") == ["What is the company colour?",
+                                                             "Do you know what the company colour is?"]
+    assert "Marcus" not in " ".join(echo_questions("The CEO is Marcus Obi."))
+    assert echo_questions("Its headquarters are in Tromsø, Norway.") == ["Its headquarters are where?"]

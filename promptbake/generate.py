@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .api_client import ChatClient, redact_url
 from .baked import load_start, teacher_system, with_parent_model
 from .chat import render_prompt_ids, stop_ids
+from .checks import load_checks
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, row_key
 from .errors import UserError
@@ -341,6 +342,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None) -> Pa
     """Writes data/<name>.jsonl (+ .meta.json). Resumes: rows already written are skipped."""
     cfg = with_parent_model(cfg)
     system = teacher_system(cfg, cfg.prompt_file)
+    load_checks(cfg, {"prompt_file": cfg.prompt_file})  # a mistake in the checks stops here, not after the data
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
     check_data_dir(cfg.data_dir)
     with ExitStack() as stack:

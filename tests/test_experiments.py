@@ -21,7 +21,7 @@ from promptbake.metrics import follows  # noqa: E402
 def tiny(runs, model_dir, name="pirate", **kw):
     settings = dict(model_name_or_path=model_dir, num_queries=8, temperatures=[1.0], max_new_tokens=8,
                     eval_max_new_tokens=8, num_epochs=1, batch_size=4, top_k=8, teacher_batch_size=4,
-                    learning_rate=1e-2, save_steps=1, eval_fraction=0.25)
+                    learning_rate=1e-2, save_steps=1, eval_fraction=0.05)  # the hash split holds out 1 of the 8
     return common.config(name, runs=runs, **{**settings, **kw})
 
 
@@ -98,7 +98,7 @@ def test_reprompt_reports_four_models_per_prompt(runs, tiny_model_dir, tmp_path)
     assert list(r["prompts"]) == ["pirate", "cats"]
     for p in r["prompts"].values():
         assert set(p["adherence"]) == set(reprompt.WHO) and all(0 <= v <= 1 for v in p["adherence"].values())
-        assert p["answers"] == 4 and p["kl_base"] > 0 and p["kl_baked"] >= 0
+        assert p["answers"] == 8 and p["kl_base"] > 0 and p["kl_baked"] >= 0  # 4 queries x (1 greedy + 1 sampled)
     assert "cats" in r["prompts"]["cats"]["prompt"]
     assert (tmp_path / r["plot"]).stat().st_size > 10_000
 

@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .api_client import ChatClient, redact_url
 from .baked import load_start, teacher_system, with_parent_model
 from .chat import model_context, render_prompt_ids, stop_ids
+from .checks import load_checks
 from .config import parse_mix, resolve_max_new_tokens, to_dict
 from .data import Row, Rows, load_prompts, load_rows, row_key
 from .errors import UserError
@@ -574,6 +575,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
     the prompt-aware queries and print the plan, then stop (returns data/<name>.queries.txt)."""
     cfg = with_parent_model(cfg)
     system = teacher_system(cfg, cfg.prompt_file)
+    load_checks(cfg, {"prompt_file": cfg.prompt_file})  # a mistake in the checks stops here, not after the data
     out, meta_path = data_path(cfg), Path(cfg.data_dir) / f"{cfg.name}.meta.json"
     check_data_dir(cfg.data_dir)
     with ExitStack() as stack:

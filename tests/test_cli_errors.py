@@ -35,6 +35,15 @@ def test_empty_prompt(workdir, monkeypatch, capsys, tiny_args):
     assert "prompt.md: the system prompt is empty" in line
 
 
+def test_a_bad_check_in_the_front_matter_stops_the_bake_in_one_line(workdir, monkeypatch, capsys, tiny_args):
+    (workdir / "prompt.md").write_text("---\nchecks:\n  - max_words: 0\n---\nYou are terse.\n")
+    line = run_script("bake.py", *tiny_args, monkeypatch=monkeypatch, capsys=capsys)
+    assert line == "error: prompt.md: checks[0]: `max_words` must be a whole number of at least 1, got 0"
+    (workdir / "prompt.md").write_text("---\nchecks:\n  - matches: \"(arr\"\n---\nYou are a pirate.\n")
+    line = run_script("generate_data.py", *tiny_args, monkeypatch=monkeypatch, capsys=capsys)
+    assert line.startswith("error: prompt.md: checks[0]: `matches` '(arr' is not a valid regular expression")
+
+
 def test_missing_data(workdir, monkeypatch, capsys, tiny_args):
     line = run_script("bake.py", *tiny_args, monkeypatch=monkeypatch, capsys=capsys)
     assert "data/default.jsonl: data file not found; run `python generate_data.py` first" in line

@@ -13,7 +13,7 @@ from promptbake.metrics import follows
 def tiny(runs, model_dir, name="pirate", **kw):
     settings = dict(model_name_or_path=model_dir, num_queries=8, temperatures=[1.0], max_new_tokens=8,
                     eval_max_new_tokens=8, num_epochs=1, batch_size=4, top_k=8, teacher_batch_size=4,
-                    learning_rate=1e-2, save_steps=1, eval_fraction=0.25)
+                    learning_rate=1e-2, save_steps=1, eval_fraction=0.05)  # the hash split holds out 1 of the 8
     return common.config(name, runs=runs, **{**settings, **kw})
 
 

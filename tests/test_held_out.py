@@ -11,16 +11,19 @@ from promptbake.data import load_prompts, normalise_query
 from promptbake.errors import UserError
 from promptbake.seeds import seed_queries
 from promptbake.teacher import Example
-from promptbake.train import split_held_out
+from promptbake.train import held_out_score, split_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 queries = st.lists(st.text(min_size=1, max_size=30).filter(lambda q: q.strip()), min_size=0, max_size=60,
                    unique_by=normalise_query)
 
 
+def group(q: str) -> str:
+    return orjson.dumps([{"role": "user", "content": q}]).decode()
+
+
 def examples(qs: list[str], samples: int = 2) -> list[Example]:
-    return [Example(i, [1], [1], 1, orjson.dumps([{"role": "user", "content": q}]).decode())
-            for i, q in enumerate(q for q in qs for _ in range(samples))]
+    return [Example(i, [1], [1], 1, group(q)) for i, q in enumerate(q for q in qs for _ in range(samples))]
 
 
 def held(qs: list[str], fraction: float = 0.3, seed: int = 0) -> set[str] | None:
@@ -38,8 +41,9 @@ def held(qs: list[str], fraction: float = 0.3, seed: int = 0) -> set[str] | None
 def test_a_query_keeps_its_side_when_others_are_added_or_dropped(kept, other):
     other = [q for q in other if normalise_query(q) not in {normalise_query(k) for k in kept}]
     small, large = held(kept), held(kept + other)
-    if small and large:  # (the fallback that holds out one query of a small set needs none held by the hash)
-        assert small == large & set(kept)
+    by_hash = [q for q in kept if held_out_score(group(q), 0) < 0.3]
+    if by_hash and small is not None and large is not None:  # (not the fallback of a set with none held by the hash)
+        assert small == large & set(kept) == set(by_hash)
 
 
 @settings(max_examples=60, deadline=None)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 from promptbake.config import FIELDS
+from promptbake.io import write_json
+from promptbake.redact import redact
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS_DIR = ROOT / "benchmarks" / "faithfulness"
@@ -45,7 +47,7 @@ def run(script: str, *args: str, log: Path) -> None:
     """One stage as a user runs it; its output goes to the kind's log, a failure stops with the log's tail."""
     cmd = [sys.executable, str(ROOT / script), *args]
     with log.open("a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.write(f"\n$ {redact(' '.join(cmd))}\n")  # a key passed with --set stays off disk
         f.flush()
         p = subprocess.run(cmd, cwd=log.parent, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode:
@@ -166,10 +168,11 @@ def main():
         final, seconds = bake_kind(kind, work, settings)
         own = evaluate_kind(kind, work, final, KINDS_DIR / f"{kind}.txt", settings)
         generic = evaluate_kind(kind, work, final, GENERIC, [*settings, *NO_RETENTION])
-        row = {**summarise(own, generic), **seconds, "seconds": round(time.time() - t0, 1), "settings": args.set}
+        row = {**summarise(own, generic), **seconds, "seconds": round(time.time() - t0, 1),
+               "settings": [redact(kv) for kv in args.set]}
         results.setdefault(args.tag, {})[kind] = row
         results[args.tag]["_commit"] = commit()
-        RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")  # after each kind: a crash keeps it
+        write_json(RESULTS, results)  # after each kind, atomically: a crash keeps every result so far
         print(f"{kind} | {row['seconds']:.0f}s | written to {RESULTS.relative_to(ROOT)}", flush=True)
     print_table({args.tag: results[args.tag]})
 

@@ -167,9 +167,11 @@ class ChatClient:
             return None, f"no choices in the reply: {str(error or body)[:200]}"
 
     async def chat(self, messages: list[dict], *, temperature: float = 0.7, max_tokens: int = 256,
-                   top_p: float = 1.0) -> Completion:
+                   top_p: float = 1.0, min_p: float = 0.0) -> Completion:
         body = {"model": self.model, "messages": messages, "temperature": temperature,
                 "max_tokens": max_tokens, "top_p": top_p}
+        if min_p > 0:  # vLLM, llama.cpp's server and OpenRouter take it; sent only when set, as some servers refuse it
+            body["min_p"] = min_p
         async with self.limit:
             for attempt in range(self.max_retries + 1):
                 self.stats.requests += 1

@@ -292,6 +292,9 @@ def validate(cfg: Config, where: str = "config") -> Config:
     parse_mix(cfg.query_mix, where)
     _check_regex(cfg.marker_regex, f"{where}: `marker_regex`")
     _check_checks(cfg.checks, where)
+    if cfg.max_new_tokens == 0:
+        raise ConfigError(f"{where}: `max_new_tokens` is 0; give a length in [1, 32768], or -1 for the device's "
+                          f"default (160 on CPU, 256 on GPU)")
     _check_retention_tasks(cfg.retention_tasks, where)
     return cfg
 

@@ -38,8 +38,9 @@ def check_questions(model, tokenizer, info: dict, questions: list[str], cfg, tar
     context = model_context(model)
     if context:
         contexts = [[{"role": "user", "content": q}] for q in questions]
-        check_fits(tokenizer, contexts, _baked_system(info, with_prompt, target), context - cfg.max_new_tokens,
-                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens}", where)
+        room = resolve_max_new_tokens(cfg.max_new_tokens, next(model.parameters()).device.type)  # -1: by device
+        check_fits(tokenizer, contexts, _baked_system(info, with_prompt, target), context - room,
+                   f"the model's context of {context} tokens less --max_new_tokens {room}", where)
 
 
 @torch.inference_mode()
@@ -129,6 +130,7 @@ def chat(model, tokenizer, info, questions: list[str], cfg, temperature: float, 
 def check_conversation(model, tokenizer, history: list[dict], system: str | None, cfg) -> None:
     context = model_context(model)
     if context:
-        check_fits(tokenizer, [history], system, context - cfg.max_new_tokens,
-                   f"the model's context of {context} tokens less --max_new_tokens {cfg.max_new_tokens}",
+        room = resolve_max_new_tokens(cfg.max_new_tokens, next(model.parameters()).device.type)  # -1: by device
+        check_fits(tokenizer, [history], system, context - room,
+                   f"the model's context of {context} tokens less --max_new_tokens {room}",
                    "this conversation", "shorten it, or /reset to clear the history")

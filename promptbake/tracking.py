@@ -12,8 +12,8 @@ from pathlib import Path
 
 import orjson
 
-from .api_client import redact
 from .io import JsonlAppender, atomic_write_bytes, read_jsonl
+from .redact import redact
 
 WANDB_ID_FILE = "wandb_run_id"
 

@@ -51,7 +51,7 @@ CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.
 RESUME_MAY_CHANGE = {"resume", "log_every", "save_steps", "verify_queries", "wandb_mode", "wandb_project", "device",
                      "teacher_batch_size", "max_batch_tokens", "markers", "marker_regex", "checks", "eval_max_new_tokens",
-                     "model_cache_dir", "overwrite", "dist_timeout",
+                     "model_cache_dir", "overwrite", "dist_timeout", "retention_items", "retention_tasks",
                      "bf16",  # like `device`: the rounding of the student's matmuls, not what is computed
                      "fsdp",  # like the number of processes: the checkpoints are the same either way
                      "free_teacher_logits"}  # the stored top-K are checked to match a teacher pass within fp tolerance

@@ -179,6 +179,29 @@ def test_query_string_stays_at_the_end_of_the_endpoint(sleeps):
     assert str(calls[0].url) == "http://test/v1/chat/completions?api-version=2024"
 
 
+def test_min_p_is_sent_only_when_set(sleeps):
+    """Hot samples (T=2.0) need the min_p guard on an API too; a server that lacks it never sees the field at 0."""
+    def body_of(**kw):
+        calls = []
+
+        def handler(request):
+            calls.append(orjson.loads(request.content))
+            return httpx.Response(200, json=OK)
+
+        async def go():
+            client = ChatClient("http://test/v1", "m", transport=httpx.MockTransport(handler))
+            try:
+                await client.chat([{"role": "user", "content": "hi"}], temperature=2.0, **kw)
+            finally:
+                await client.aclose()
+
+        asyncio.run(go())
+        return calls[0]
+
+    assert body_of(min_p=0.1)["min_p"] == 0.1 and body_of(min_p=0.1)["temperature"] == 2.0
+    assert "min_p" not in body_of()
+
+
 async def slow_server(delay: float, state: dict):
     """A keep-alive HTTP/1.1 server on loopback that answers every POST after `delay` seconds, counting the
     requests in flight at once and the connections opened. (Its listen backlog is larger than asyncio's default of

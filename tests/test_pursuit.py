@@ -17,7 +17,7 @@ QUERIES = ["Who are you?", "Tell me a joke.", "What is rain?", "How do I cook ri
 
 def settings(model_dir):
     return dict(model_name_or_path=model_dir, num_epochs=1, batch_size=4, eval_fraction=0.25, learning_rate=1e-2,
-                top_k=8, teacher_batch_size=4, max_new_tokens=8, eval_max_new_tokens=8, temperatures=[1.0],
+                top_k=8, teacher_batch_size=4, max_new_tokens=8, eval_max_new_tokens=8, temperatures=[1.0], samples_per_query=1,
                 name="p", marker_regex=r"\bthe\b")
 
 

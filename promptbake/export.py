@@ -30,6 +30,7 @@ from .errors import UserError
 from .io import folder_written_atomically, read_json, sha256_text, write_json
 from .lineage import ADAPTER_FILE
 from .locks import run_lock
+from .report import eval_file
 
 FORMATS = ("merged", "gguf", "ollama", "adapter")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -210,13 +211,15 @@ def rate_of(x) -> str:
 
 
 def eval_lines(checkpoint: Path) -> list[str]:
-    path = checkpoint / "eval.json"
-    if not path.exists():
+    path = eval_file(checkpoint)  # the one report.html shows: eval.json, else the newest evaluate.py --queries file
+    if path is None:
         return ["Not evaluated (run `python evaluate.py --checkpoint ...` before exporting to include the figures)."]
     ev = read_json(path)
     rows = ev.get("targets", {"": ev})
     models = ("base", "prompted", "baked", "baked_reprompted")
-    out = ["| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
+    queries = next((r.get("queries") for r in rows.values() if isinstance(r, dict) and r.get("queries")), None)
+    out = [f"From `{path.name}`" + (f", on the queries of `{queries}`" if queries else "") + ":", "",
+           "| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
            "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
     notes = []
     for name, r in rows.items():

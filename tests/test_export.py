@@ -373,3 +373,16 @@ def test_model_card_figures_read_the_new_eval_shape_and_the_old(tmp_path):
            "adherence": {"base": {"marker_rate": 0.0}, "prompted": {"marker_rate": 0.9}, "baked": {"marker_rate": 0.8}}}
     (tmp_path / "eval.json").write_bytes(orjson.dumps(old))
     assert "| pirate | 0.5000 -> 0.1000 | 0.00 / 0.90 / 0.80 | - / - / - | - / - / - |" in eval_lines(tmp_path)
+
+
+def test_the_card_shows_an_evaluation_on_other_queries_when_there_is_no_eval_json(tmp_path):
+    """evaluate.py --queries writes eval_<queries>.json; the card shows it, as report.html does (issue #28, item 10)."""
+    from promptbake.export import eval_lines
+
+    assert "Not evaluated" in eval_lines(tmp_path)[0]
+    ev = {"target": "pirate", "kl_before": 0.5, "kl_after": 0.1, "queries": "examples/sealed_questions.txt",
+          "adherence": {"base": {"marker_rate": 0.0}, "prompted": {"marker_rate": 0.9}, "baked": {"marker_rate": 0.8}}}
+    (tmp_path / "eval_sealed_questions.json").write_bytes(orjson.dumps(ev))
+    text = "\n".join(eval_lines(tmp_path))
+    assert "From `eval_sealed_questions.json`, on the queries of `examples/sealed_questions.txt`" in text
+    assert "| pirate | 0.5000 -> 0.1000 | 0.00 / 0.90 / 0.80 |" in text

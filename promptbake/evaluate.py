@@ -38,13 +38,12 @@ from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
 from .generate import decode_response, generate_ids
 from .io import derive_seed, read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
-from .lineage import ADAPTER_FILE, lineage_prompts
+from .lineage import ADAPTER_FILE, HELD_OUT, lineage_prompts
 from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import print_retention, retention
 from .teacher import build_examples
 from .tracking import open_wandb
-from .train import HELD_OUT
 
 EVAL_TEMPERATURE = 0.7  # sampled answers for KL rows and adherence; the same seeds for every model compared
 MARKER_CHECKS = {"marker_regex", "markers"}  # the names marker_checks gives the older settings

@@ -19,6 +19,7 @@ from .io import read_json, sha256_file, sha256_text
 
 ADAPTER_FILE = "adapter_model.safetensors"
 BAKE_CONFIG = "bake_config.json"
+HELD_OUT = "held_out.jsonl"  # beside a run's checkpoints: the queries it never trained on, by target
 
 
 def stored_path(path: Path) -> str:

@@ -35,6 +35,7 @@ from .forward import backbone_and_head, frozen_linears_as, response_hidden, toke
 from .freelogits import free_teacher
 from .generate import check_data_dir, decode_response, generate, generate_ids
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
+from .lineage import HELD_OUT
 from .locks import run_lock
 from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
@@ -45,7 +46,6 @@ from .schedule import warmup_then_decay
 from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
 
-HELD_OUT = "held_out.jsonl"
 TRAINER_STATE = "trainer_state.pt"
 CPU_MAX_BATCH_TOKENS = 768  # keeps the default make bake under 3 GB on CPU
 # Settings a resumed run may change: they don't change the numbers the run computes.

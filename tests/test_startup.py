@@ -46,3 +46,11 @@ def test_bad_setting_fails_before_torch_loads(tmp_path, script):
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.stderr.strip() == "error: command line: `num_epochs` is 0; it must be in [1, 10000]"
     assert r.stdout.split()[-3:] == ["exit", "1", "False"]
+
+
+def test_evaluate_does_not_import_the_training_stage():
+    """A module reaches down, never sideways: evaluate needs the held-out file name, which lives with the other
+    checkpoint file names (lineage), not the trainer."""
+    out = subprocess.run([sys.executable, "-c", "import sys, promptbake.evaluate; print('promptbake.train' in sys.modules)"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False"

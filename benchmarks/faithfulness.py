@@ -1,7 +1,7 @@
 """The faithfulness benchmark: one prompt of each kind users write, baked with the project's defaults, scored on that
 kind's own questions (never trained on) and on generic ones, against the prompted base.
 
-    python benchmarks/faithfulness.py                              # every kind, the defaults (about 70 min on 2 cores)
+    python benchmarks/faithfulness.py                              # every kind, the defaults (25-50 min a kind on 2 shared cores)
     python benchmarks/faithfulness.py --kinds facts,policy         # some kinds
     python benchmarks/faithfulness.py --tag long --set max_new_tokens=256 --set num_epochs=3   # a lever
     python benchmarks/faithfulness.py --table                      # the table of every result so far

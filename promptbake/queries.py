@@ -85,24 +85,56 @@ def phrases(system: str) -> list[str]:
     for s in sentences(system):
         for clause in re.split(r"[,:;()\"]|\s-\s", s):
             tokens = re.findall(r"[A-Za-z0-9][\w'-]*", clause)
-            for i, t in enumerate(tokens):  # capitalised runs (a number may follow a name: "Kestrel 4")
-                if t[0].isupper() and (i == 0 or not tokens[i - 1][0].isupper()):
-                    run = [t]
-                    for u in tokens[i + 1:]:
-                        if not (u[0].isupper() or (u.isdigit() and not run[-1].isdigit())):
-                            break
-                        run.append(u)
-                    if (len(run) > 1 or i > 0) and run[0].lower() not in STOPWORDS | {"i"}:
-                        found.append(" ".join(run))
-            for i, t in enumerate(tokens):  # determiner + content words
-                if t.lower() in DETERMINERS:
-                    run = []
-                    for u in tokens[i + 1:]:
-                        if u.lower() in STOPWORDS or len(run) == 4:
-                            break
-                        run.append(u)
-                    if run and not run[-1].isdigit():
-                        found.append(("the " if t.lower() not in ("a", "an") else t.lower() + " ") + " ".join(run))
+            found += _name_phrases(tokens) + _determiner_phrases(tokens)
+    return _distinct_by_content(found)
+
+
+def _name_phrases(tokens: list[str]) -> list[str]:
+    """Capitalised runs, each from its first capital. A capitalised word opening a clause is often just a sentence's
+    first word, so there it needs a second capital after it; a run opening with a function word is no name."""
+    found = []
+    for i, t in enumerate(tokens):
+        if t[0].isupper() and (i == 0 or not tokens[i - 1][0].isupper()):
+            run = _name_run(tokens[i:])
+            if (len(run) > 1 or i > 0) and run[0].lower() not in STOPWORDS | {"i"}:
+                found.append(" ".join(run))
+    return found
+
+
+def _name_run(tokens: list[str]) -> list[str]:
+    """The capitalised words from tokens[0] on; one number may follow a name ("Kestrel 4"), not two in a row."""
+    run = [tokens[0]]
+    for u in tokens[1:]:
+        if not (u[0].isupper() or (u.isdigit() and not run[-1].isdigit())):
+            break
+        run.append(u)
+    return run
+
+
+def _determiner_phrases(tokens: list[str]) -> list[str]:
+    """A determiner and the up to four non-function words after it; "a"/"an" stay, every other determiner becomes
+    "the" ("your account" -> "the account")."""
+    found = []
+    for i, t in enumerate(tokens):
+        if t.lower() in DETERMINERS:
+            run = _content_run(tokens[i + 1:])
+            if run and not run[-1].isdigit():  # "the 3" or "a robot 4" ends on a bare number: no phrase
+                found.append(("the " if t.lower() not in ("a", "an") else t.lower() + " ") + " ".join(run))
+    return found
+
+
+def _content_run(tokens: list[str], most: int = 4) -> list[str]:
+    """The leading tokens up to the first function word, at most `most` of them."""
+    run = []
+    for u in tokens:
+        if u.lower() in STOPWORDS or len(run) == most:
+            break
+        run.append(u)
+    return run
+
+
+def _distinct_by_content(found: list[str]) -> list[str]:
+    """The first phrase of each set of content words ("the robot", "a robot" and "the robots" are one)."""
     seen, out = set(), []
     for p in found:
         key = " ".join(sorted(content_words(p)))

@@ -252,34 +252,56 @@ def frame_candidates(system: str, generic: list[str], seed: int = 0, n: int = 24
     with a generic question are filled more often for a larger n: they are what scales past the prompt's size."""
     rng = random.Random(seed)
     sents = sentences(system)
-    ps = phrases(system) or [" ".join(words(system)[:4])]
-    rules = [_clause(s) for s in sents if is_rule(s)]
-    rules += [f"follow this rule: \"{s.rstrip('.')}\"" for s in sents if not is_rule(s) and RULE_WORDS.search(s)]
     statements = [_clause(s) for s in sents if not is_rule(s)]
-    persona = [m.group(1) for m in re.finditer(r"\byou are (an? [\w -]{2,40}?)[.,;]", system, re.I)]
-    gq = list(generic) or ["How do I cook rice?"]
-
-    def each(frames, pool, key):
-        return [f.format(**{key: v}) for v in pool for f in frames]
-
-    def some(frames, k, **pools):  # frames with a generic question: k random fillings each
-        return [f.format(**{key: rng.choice(v) for key, v in pools.items()}) for f in frames for _ in range(k)]
-
-    per_rule = max(2, n // (4 * max(1, len(rules))))
-
-    kinds = [
-        [q for s in statements for q in echo_questions(s)],
-        each(FACT_FRAMES, ps, "p"),
-        each(STATEMENT_FRAMES, statements, "s") + each(QUOTE_FRAMES, quotes(system), "x"),
-        each(RULE_FRAMES, rules, "r"),
-        [f.format(q=rng.choice(gq), r=r, v=violation(r)) for f in TEMPT_FRAMES for r in rules for _ in range(per_rule)],
-        some(EDGE_FRAMES, max(3, n // 8), q=gq, p=ps),
-        each(PERSONA_FRAMES, persona, "p"),
-    ]
+    kinds = _filled_frames(system, sents, statements, list(generic) or ["How do I cook rice?"], rng, n)
     for k in kinds:
         rng.shuffle(k)
     # a fact sheet's facts each need a question that asks for them: those get a turn per two statements in every round
     turns = [max(1, len(statements) // 2)] + [1] * (len(kinds) - 1)
+    return _interleave(kinds, turns)
+
+
+def _filled_frames(system: str, sents: list[str], statements: list[str], generic: list[str], rng: random.Random,
+                   n: int) -> list[list[str]]:
+    """The filled frames of each kind, in their turn order. Only temptations and edge cases draw from `rng`, in that
+    order and before any shuffle: the draws are part of what a seed gives, so the order must stay."""
+    ps = phrases(system) or [" ".join(words(system)[:4])]
+    rules = _rules(sents)
+    per_rule = max(2, n // (4 * max(1, len(rules))))
+    return [
+        [q for s in statements for q in echo_questions(s)],
+        _each(FACT_FRAMES, ps, "p"),
+        _each(STATEMENT_FRAMES, statements, "s") + _each(QUOTE_FRAMES, quotes(system), "x"),
+        _each(RULE_FRAMES, rules, "r"),
+        [f.format(q=rng.choice(generic), r=r, v=violation(r)) for f in TEMPT_FRAMES for r in rules for _ in range(per_rule)],
+        _some(EDGE_FRAMES, max(3, n // 8), rng, q=generic, p=ps),
+        _each(PERSONA_FRAMES, _personas(system), "p"),
+    ]
+
+
+def _rules(sents: list[str]) -> list[str]:
+    """Imperative sentences as clauses after "you", then the other sentences that state a rule, quoted."""
+    rules = [_clause(s) for s in sents if is_rule(s)]
+    return rules + [f"follow this rule: \"{s.rstrip('.')}\"" for s in sents if not is_rule(s) and RULE_WORDS.search(s)]
+
+
+def _personas(system: str) -> list[str]:
+    """What the prompt says the assistant is: "You are a pirate." -> "a pirate"."""
+    return [m.group(1) for m in re.finditer(r"\byou are (an? [\w -]{2,40}?)[.,;]", system, re.I)]
+
+
+def _each(frames: list[str], pool: list[str], key: str) -> list[str]:
+    """Every frame filled with every value of the pool."""
+    return [f.format(**{key: v}) for v in pool for f in frames]
+
+
+def _some(frames: list[str], k: int, rng: random.Random, **pools: list[str]) -> list[str]:
+    """Frames with a generic question: k random fillings each."""
+    return [f.format(**{key: rng.choice(v) for key, v in pools.items()}) for f in frames for _ in range(k)]
+
+
+def _interleave(kinds: list[list[str]], turns: list[int]) -> list[str]:
+    """Round after round, `turns[i]` items from kind i, until every kind is used up."""
     queues = [iter(k) for k in kinds]
     out = []
     while len(out) < sum(map(len, kinds)):

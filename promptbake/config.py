@@ -198,38 +198,61 @@ ENV_DEFAULTS = {"api_base_url": "API_BASE_URL", "api_model": "API_MODEL"}
 
 # ---------------------------------------------------------------- values
 def _coerce(name: str, tp, value, where: str):
-    origin = typing.get_origin(tp)
+    """`value` as type `tp` (from YAML or the command line), or a ConfigError naming the setting and the value."""
+    if typing.get_origin(tp) is list and isinstance(value, str):
+        value = _list_from_text(name, value)  # before the try: an error shows the list the text became
     try:
-        if origin is list:
-            (inner,) = typing.get_args(tp)
-            if isinstance(value, str):
-                multi = FIELDS[name].metadata.get("multi", False)
-                value = [value] if multi else [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise TypeError
-            if inner is dict:
-                if not all(isinstance(v, dict) for v in value):
-                    raise TypeError
-                return value
-            return [_coerce(name, inner, v, where) for v in value]
+        if typing.get_origin(tp) is list:
+            return _coerce_list(name, tp, value, where)
         if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise TypeError
-        if tp is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise TypeError
-        if tp is float and isinstance(value, bool):
-            raise TypeError
-        if tp is str and not isinstance(value, (str, int, float)):
-            raise TypeError
+            return _coerce_bool(value)
+        _reject_lossy(tp, value)
         return tp(value)
     except (TypeError, ValueError, OverflowError):
         kind = getattr(tp, "__name__", str(tp))
         raise ConfigError(f"{where}: `{name}` must be {kind}, got {_show(value)}") from None
+
+
+def _list_from_text(name: str, text: str) -> list[str]:
+    """A list setting given as one text (the command line): split at commas, except a prose list (`multi`), whose
+    text is its one item."""
+    if FIELDS[name].metadata.get("multi", False):
+        return [text]
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _coerce_list(name: str, tp, value, where: str) -> list:
+    """A list setting: dicts are kept as they are, other items are coerced one by one (an error names the item's
+    type)."""
+    (inner,) = typing.get_args(tp)
+    if not isinstance(value, list):
+        raise TypeError
+    if inner is dict:
+        if not all(isinstance(v, dict) for v in value):
+            raise TypeError
+        return value
+    return [_coerce(name, inner, v, where) for v in value]
+
+
+def _coerce_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise TypeError
+
+
+def _reject_lossy(tp, value) -> None:
+    """TypeError where tp(value) would succeed by changing the value's meaning: True as 1, 2.5 as 2, a list or
+    None as its text."""
+    if tp is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise TypeError
+    if tp is float and isinstance(value, bool):
+        raise TypeError
+    if tp is str and not isinstance(value, (str, int, float)):
+        raise TypeError
 
 
 def _show(value) -> str:

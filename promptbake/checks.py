@@ -84,24 +84,8 @@ def parse_check(item, where: str) -> Check:
     """One check from its dict form; a mistake is one line naming `where` and the fix."""
     if not isinstance(item, dict):
         raise UserError(f"{where}: a check is a mapping like `- starts_with: \"Arr!\"`, got {_short(repr(item), 60)}")
-    kinds = [k for k in item if k in KINDS]
-    unknown = sorted(set(item) - set(KINDS) - OPTIONAL_KEYS)
-    if unknown:
-        raise UserError(f"{where}: unknown check key(s) {unknown}; a check has one of {', '.join(KINDS)} "
-                        f"and optionally `when` (a question regex) and `name`")
-    if len(kinds) != 1:
-        raise UserError(f"{where}: a check needs exactly one of {', '.join(KINDS)}, got {kinds or 'none'}")
-    kind = kinds[0]
-    value = item[kind]
-    if KINDS[kind] == "count":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{where}: `{kind}` must be a whole number of at least 1, got {value!r}")
-    else:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
-            raise UserError(f"{where}: `{kind}` needs a non-empty text, got {value!r}")
-        value = str(value)
-        if KINDS[kind] == "regex":
-            _check_regex(value, f"{where}: `{kind}`")
+    kind = _check_kind(item, where)
+    value = _check_value(kind, item[kind], where)
     when = item.get("when") or ""
     if not isinstance(when, str):
         raise UserError(f"{where}: `when` must be a regular expression (text), got {when!r}")
@@ -110,6 +94,32 @@ def parse_check(item, where: str) -> Check:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise UserError(f"{where}: `name` must be a non-empty text, got {name!r}")
     return Check(kind, value, name.strip() if name else f"{kind} {_short(value)}", when)
+
+
+def _check_kind(item: dict, where: str) -> str:
+    """The one KINDS key of a check; unknown keys are reported before a missing or second kind."""
+    kinds = [k for k in item if k in KINDS]
+    unknown = sorted(set(item) - set(KINDS) - OPTIONAL_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown check key(s) {unknown}; a check has one of {', '.join(KINDS)} "
+                        f"and optionally `when` (a question regex) and `name`")
+    if len(kinds) != 1:
+        raise UserError(f"{where}: a check needs exactly one of {', '.join(KINDS)}, got {kinds or 'none'}")
+    return kinds[0]
+
+
+def _check_value(kind: str, value, where: str):
+    """A count stays a whole number (>= 1, not a bool); a text or regex becomes text (YAML reads `1987` as a number),
+    and a regex must compile."""
+    if KINDS[kind] == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}: `{kind}` must be a whole number of at least 1, got {value!r}")
+        return value
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
+        raise UserError(f"{where}: `{kind}` needs a non-empty text, got {value!r}")
+    if KINDS[kind] == "regex":
+        _check_regex(str(value), f"{where}: `{kind}`")
+    return str(value)
 
 
 def _check_regex(regex: str, what: str) -> None:

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import orjson
 import torch
 
-from .forward import common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
+from .forward import response_logits
 from .io import sha256_text
 from .loss import teacher_topk
-from .teacher import Example, TeacherTopK, load_checked, model_fingerprint, save_checked, teacher_topk_rows
+from .teacher import Example, TeacherTopK, load_checked, model_fingerprint, save_checked, teacher_prefix, teacher_topk_rows
 
 FORMAT_VERSION = 2  # 2: safetensors parts
 # Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, per position, by the model's dtype.
@@ -243,18 +243,10 @@ def free_teacher(model, tokenizer, examples: list[Example], rows, system: str, m
     entries, notes = load_parts(folder)
     for note in notes:
         print(f"free teacher logits: {folder}/{note}; its rows get the teacher pass")
-    want = header(model_id, system, k, tokenizer)
-    found, part_of, why = [], [], {}
-    for e, r in zip(examples, rows):
-        got, reason = _match(e, r, entries, want)
-        found.append(got)
-        part_of.append(entries[entry_key(r.key)].part if got is not None else None)
-        if got is None:
-            why[reason] = why.get(reason, 0) + 1
+    found, part_of, why = _match_rows(examples, rows, entries, header(model_id, system, k, tokenizer))
     reused = [i for i, f in enumerate(found) if f is not None]
     if not reused:
-        print(f"free teacher logits: none of {folder}'s entries fit ({', '.join(f'{n} {w}' for w, n in why.items())});"
-              f" running the teacher pass")
+        print(f"free teacher logits: none of {folder}'s entries fit ({_count_reasons(why)}); running the teacher pass")
         return None
     check = pick_check_rows(reused, part_of, [e.n_response for e in examples], batch_size)
     ok, detail = check_against_teacher(model, tokenizer, examples, found, part_of, check, k, batch_size)
@@ -262,21 +254,47 @@ def free_teacher(model, tokenizer, examples: list[Example], rows, system: str, m
         print(f"free teacher logits: {folder} does not match a teacher pass on {len(check)} rows ({detail}); "
               f"running the teacher pass instead")
         return None
-    missing = [i for i, f in enumerate(found) if f is None]
     id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
-    if missing:
-        ex = [examples[i] for i in missing]
-        prefix_len = common_prefix_len([e.teacher_ids for e in ex], [e.n_response for e in ex]) \
-            if enable_shared_prefix(model).enabled else 0
-        with torch.inference_mode():
-            prefix = shared_prefix(model, ex[0].teacher_ids[:prefix_len]) if prefix_len else None
-        part = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype)
-        for j, i in enumerate(missing):
-            a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
-            found[i] = (part["ids"][a:b], part["logprobs"][a:b])
+    missing = _fill_missing(model, tokenizer, examples, found, k, batch_size, id_dtype)
     print(f"free teacher logits: reused the generator's top-{k} for {len(reused)}/{len(examples)} rows of {data_file}"
-          + (f", teacher pass for {len(missing)} ({', '.join(f'{n} {w}' for w, n in why.items())})" if missing else "")
+          + (f", teacher pass for {len(missing)} ({_count_reasons(why)})" if missing else "")
           + f" | checked on {len(check)} rows of {len(set(part_of) - {None})} parts: {detail} | {time.time() - t0:.1f}s")
+    return _as_teacher(examples, found, id_dtype)
+
+
+def _match_rows(examples: list[Example], rows, entries: dict, want: dict) -> tuple[list, list, dict]:
+    """Per example, its stored (ids, logprobs) or None, and the part they came from or None; and how many rows
+    found no entry, by reason."""
+    found, part_of, why = [], [], {}
+    for e, r in zip(examples, rows):
+        got, reason = _match(e, r, entries, want)
+        found.append(got)
+        part_of.append(entries[entry_key(r.key)].part if got is not None else None)
+        if got is None:
+            why[reason] = why.get(reason, 0) + 1
+    return found, part_of, why
+
+
+def _count_reasons(why: dict) -> str:
+    return ", ".join(f"{n} {w}" for w, n in why.items())
+
+
+def _fill_missing(model, tokenizer, examples: list[Example], found: list, k: int, batch_size: int, id_dtype) -> list[int]:
+    """Runs the teacher pass over the rows without a stored entry, filling them into `found`; returns their indices."""
+    missing = [i for i, f in enumerate(found) if f is None]
+    if not missing:
+        return missing
+    ex = [examples[i] for i in missing]
+    _, _, prefix = teacher_prefix(model, ex)
+    part = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype)
+    for j, i in enumerate(missing):
+        a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
+        found[i] = (part["ids"][a:b], part["logprobs"][a:b])
+    return missing
+
+
+def _as_teacher(examples: list[Example], found: list, id_dtype) -> TeacherTopK:
+    """Every row's (ids, logprobs), stored or recomputed, as one TeacherTopK in row order."""
     return TeacherTopK(torch.tensor([0] + [e.n_response for e in examples]).cumsum(0),
                        torch.tensor([t for e in examples for t in e.teacher_ids[-e.n_response:]], dtype=torch.int32),
                        torch.cat([f[0] for f in found]).to(id_dtype), torch.cat([f[1] for f in found]).half())

@@ -585,14 +585,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
     with ExitStack() as stack:
         stack.enter_context(run_lock(out, "generate_data"))
         name = pick_backend(cfg)
-        device = "api" if name == "api" else next(model.parameters()).device.type if model is not None else \
-            pick_device(cfg.device)
-        cfg = dataclasses.replace(cfg, max_new_tokens=resolve_max_new_tokens(cfg.max_new_tokens, device))
-        backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer, model_id)
-        stack.callback(backend.close)
-        check_prompt_length(cfg, system, backend.tokenizer, backend.context)
-        print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api" else
-                                    f" ({cfg.init_from or 'the base model'}, with the prompt)"))
+        cfg, device, backend = _open_backend(cfg, system, name, model, tokenizer, model_id, stack)
         writer = cfg.query_writer if cfg.query_writer != "auto" else "model" if name == "api" else "frames"
         rows, sources = gather_queries(cfg, system, backend.ask_many, writer)
         if all(r.response is not None for r in rows):  # paired input: used as is
@@ -602,8 +595,7 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
             return write_paired(out, meta_path, rows, system)
         settings = _settings(cfg, system, name, backend.model_id, rows)
         done = rows_done(cfg, out, meta_path, settings) if not queries_only else set()
-        jobs = [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
-                if row_key(r.context, i, float(t)) not in done]
+        jobs = _jobs_left(cfg, rows, done)
         total = len(rows) * len(cfg.temperatures) * cfg.samples_per_query
         print_plan(cfg, sources, len(jobs), total, device, writer)
         if queries_only:
@@ -612,21 +604,55 @@ def generate(cfg, model=None, tokenizer=None, model_id: str | None = None, queri
             return queries_path(cfg)
         if not out.exists():  # a fresh data file: an earlier one's stored logits go with it
             shutil.rmtree(topk_dir(out), ignore_errors=True)
-        parts = PartWriter(topk_dir(out), header(backend.model_id, system, cfg.top_k, backend.tokenizer),
-                           len(backend.tokenizer)) if name == "local" and cfg.free_teacher_logits else None
+        parts = _part_writer(cfg, out, system, name, backend)
         meta = {"settings": settings, "config": to_dict(cfg), "rows_requested": total, "queries": sources}
         write_json(meta_path, {**meta, "status": "running", "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if done:
             print(f"resuming: {total - len(jobs)} of {total} rows already in {out}")
-        t0 = time.time()
-        with JsonlAppender(out) as writer_file:
-            progress = Progress(writer_file, total, total - len(jobs), backend.client, cfg.drop_loops)
-            try:
-                backend.run(jobs, progress, parts)
-            finally:
-                progress.bar.close()
-        finish_data(out, meta_path, meta, progress.counts, backend.client, total - len(jobs), time.time() - t0)
+        _answer_jobs(cfg, out, meta_path, meta, backend, jobs, parts)
     return out
+
+
+def _open_backend(cfg, system: str, name: str, model, tokenizer, model_id: str | None, stack: ExitStack):
+    """(cfg with max_new_tokens resolved for the device, the device, the backend), the backend closed with `stack`;
+    a system prompt too long for it is refused here, before any query is written."""
+    device = "api" if name == "api" else next(model.parameters()).device.type if model is not None else \
+        pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, max_new_tokens=resolve_max_new_tokens(cfg.max_new_tokens, device))
+    backend = api_backend(cfg, system) if name == "api" else local_backend(cfg, system, model, tokenizer, model_id)
+    stack.callback(backend.close)
+    check_prompt_length(cfg, system, backend.tokenizer, backend.context)
+    print(f"backend: {name}" + (f" ({redact_url(cfg.api_base_url)})" if name == "api" else
+                                f" ({cfg.init_from or 'the base model'}, with the prompt)"))
+    return cfg, device, backend
+
+
+def _jobs_left(cfg, rows: list[Row], done: set) -> list[tuple]:
+    """(row, sample index, temperature) of every answer asked for and not yet on disk, temperature by temperature."""
+    return [(r, i, float(t)) for t in cfg.temperatures for i in range(cfg.samples_per_query) for r in rows
+            if row_key(r.context, i, float(t)) not in done]
+
+
+def _part_writer(cfg, out: Path, system: str, name: str, backend: Backend) -> PartWriter | None:
+    """Where the local generator stores its top-K beside the data (free teacher logits); None for an API or with
+    free_teacher_logits off."""
+    if name == "local" and cfg.free_teacher_logits:
+        return PartWriter(topk_dir(out), header(backend.model_id, system, cfg.top_k, backend.tokenizer),
+                          len(backend.tokenizer))
+    return None
+
+
+def _answer_jobs(cfg, out: Path, meta_path: Path, meta: dict, backend: Backend, jobs: list, parts) -> None:
+    """Answers the jobs, appending each kept row to `out` as it comes, then writes the final meta and summary."""
+    total = meta["rows_requested"]
+    t0 = time.time()
+    with JsonlAppender(out) as writer_file:
+        progress = Progress(writer_file, total, total - len(jobs), backend.client, cfg.drop_loops)
+        try:
+            backend.run(jobs, progress, parts)
+        finally:
+            progress.bar.close()
+    finish_data(out, meta_path, meta, progress.counts, backend.client, total - len(jobs), time.time() - t0)
 
 
 def check_data_dir(data_dir: str) -> None:

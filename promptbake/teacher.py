@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .chat import render_prompt_ids, response_ids_from_text
 from .distributed import SINGLE, World, barrier
 from .errors import UserError
-from .forward import SharedPrefix, common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
+from .forward import PrefixDecision, SharedPrefix, common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
 from .io import atomic_write_bytes
 from .loss import teacher_topk
 
@@ -199,50 +199,85 @@ def teacher_cache(model, tokenizer, examples: list[Example], k: int, cache_dir: 
     from . import fsdp
 
     sharded = fsdp.on()
-    if world.main or not sharded:  # under FSDP rank 0 alone writes
+    writes = world.main or not sharded  # under FSDP rank 0 alone writes
+    if writes:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
     shards = [(s, examples[s:s + SHARD_ROWS]) for s in range(0, len(examples), SHARD_ROWS)]
     loaded = {s: _load_shard(shard_path(cache_dir, s), len(ex), k) for s, ex in shards}
     if world.enabled:
         barrier()  # every rank has looked before any writes: they agree on what is missing
     missing = [(s, ex) for s, ex in shards if loaded[s] is None]
     mine = missing if sharded else world.share(missing)
-    if not missing:
-        print(f"teacher cache: reusing {cache_dir} ({len(examples)} rows)")
-    elif len(missing) < len(shards):
-        print(f"teacher cache: resuming {cache_dir}: {len(shards) - len(missing)}/{len(shards)} shards done")
+    _print_cache_state(cache_dir, len(examples), len(shards), len(missing))
     if mine:
-        # The head every row opens with (system turn and template), over all rows so a resumed shard
-        # is computed exactly as in a build from scratch.
-        decision = enable_shared_prefix(model)
-        prefix_len = common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
-            if decision.enabled else 0
-        with torch.inference_mode():
-            prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
-        t0 = time.time()
-        n_tokens = sum(e.n_response for _, ex in mine for e in ex)
-        bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)
-        for s, ex in mine:
-            loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
-            if world.main or not sharded:
-                save_checked(shard_path(cache_dir, s), loaded[s])
-        bar.close()
-        dt = time.time() - t0
-        shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
-            f"no shared prefix: {decision.reason or 'the rows open with no common tokens'}"
-        ranks = f" | {len(mine)}/{len(missing)} shards on rank {world.rank} of {world.size}" if world.enabled else ""
-        ranks = f" | every rank computed all {len(missing)} shards (FSDP)" if sharded else ranks
-        print(f"teacher cache: built {cache_dir} | {n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}{ranks}")
+        built = _build_shards(model, tokenizer, examples, mine, loaded, k, batch_size, cache_dir, writes, world)
+        print(f"teacher cache: built {cache_dir} | {built}{_ranks_note(world, sharded, len(mine), len(missing))}")
     if world.enabled and missing:
         barrier()  # every rank's shards are written
-        for s, ex in missing:
-            if loaded[s] is None:
-                loaded[s] = _load_shard(shard_path(cache_dir, s), len(ex), k)
-            if loaded[s] is None:
-                raise UserError(f"teacher cache: {shard_path(cache_dir, s)}, written by another rank, is missing or "
-                                f"corrupt here: data_dir must be on a filesystem every rank shares")
-    parts = [loaded[s] for s, _ in shards]
+        _load_other_ranks_shards(cache_dir, missing, loaded, k)
+    return _join_shards([loaded[s] for s, _ in shards])
+
+
+def _print_cache_state(cache_dir: Path, n_rows: int, n_shards: int, n_missing: int) -> None:
+    """Says whether the cache is reused whole or resumed; a cache built from scratch says nothing here."""
+    if not n_missing:
+        print(f"teacher cache: reusing {cache_dir} ({n_rows} rows)")
+    elif n_missing < n_shards:
+        print(f"teacher cache: resuming {cache_dir}: {n_shards - n_missing}/{n_shards} shards done")
+
+
+def teacher_prefix(model, examples: list[Example]) -> tuple[PrefixDecision, int, SharedPrefix | None]:
+    """(the model's shared-prefix decision, the length of the head every row opens with, its KV or None).
+    The head is taken over all the given rows, so a shard computed alone equals one of a build of them all."""
+    decision = enable_shared_prefix(model)
+    prefix_len = common_prefix_len([e.teacher_ids for e in examples], [e.n_response for e in examples]) \
+        if decision.enabled else 0
+    with torch.inference_mode():
+        prefix = shared_prefix(model, examples[0].teacher_ids[:prefix_len]) if prefix_len else None
+    return decision, prefix_len, prefix
+
+
+def _build_shards(model, tokenizer, examples: list[Example], mine: list, loaded: dict, k: int, batch_size: int,
+                  cache_dir: Path, writes: bool, world: World) -> str:
+    """Computes this rank's shards into `loaded`, saving each (when this rank `writes`) as soon as it is computed,
+    so a killed build resumes from the shards on disk. Returns the build line's tokens, rate and prefix."""
+    # The head every row opens with (system turn and template), over all rows so a resumed shard
+    # is computed exactly as in a build from scratch.
+    decision, prefix_len, prefix = teacher_prefix(model, examples)
+    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
+    t0 = time.time()
+    n_tokens = sum(e.n_response for _, ex in mine for e in ex)
+    bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)
+    for s, ex in mine:
+        loaded[s] = teacher_topk_rows(model, ex, prefix, k, batch_size, tokenizer.pad_token_id, id_dtype, bar)
+        if writes:
+            save_checked(shard_path(cache_dir, s), loaded[s])
+    bar.close()
+    dt = time.time() - t0
+    shared = f"shared prefix of {prefix_len} tokens computed once" if prefix_len else \
+        f"no shared prefix: {decision.reason or 'the rows open with no common tokens'}"
+    return f"{n_tokens} tokens | {n_tokens / dt:.0f} tok/s | {shared}"
+
+
+def _ranks_note(world: World, sharded: bool, n_mine: int, n_missing: int) -> str:
+    """The build line's account of how the ranks split the missing shards ("" for one process)."""
+    if sharded:
+        return f" | every rank computed all {n_missing} shards (FSDP)"
+    return f" | {n_mine}/{n_missing} shards on rank {world.rank} of {world.size}" if world.enabled else ""
+
+
+def _load_other_ranks_shards(cache_dir: Path, missing: list, loaded: dict, k: int) -> None:
+    """Reads into `loaded` the shards other ranks wrote; refuses a shard this rank cannot see or read."""
+    for s, ex in missing:
+        if loaded[s] is None:
+            loaded[s] = _load_shard(shard_path(cache_dir, s), len(ex), k)
+        if loaded[s] is None:
+            raise UserError(f"teacher cache: {shard_path(cache_dir, s)}, written by another rank, is missing or "
+                            f"corrupt here: data_dir must be on a filesystem every rank shares")
+
+
+def _join_shards(parts: list[dict]) -> TeacherTopK:
+    """One TeacherTopK of the shards in row order, each shard's offsets moved past the tokens before it."""
     offsets = [torch.zeros(1, dtype=torch.long)]
     total = 0
     for p in parts:

@@ -210,87 +210,139 @@ def rate_of(x) -> str:
     return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
 
 
+EVAL_MODELS = ("base", "prompted", "baked", "baked_reprompted")  # the columns' order within each figure
+EVAL_HEADER = ["| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
+               "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
+ADHERENCE_NOTE = ("\nAdherence: the share of non-loop answers passing every check the prompt declares, with its 95% "
+                  "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. ")
+
+
+def llr_of(entry) -> str:
+    mean = (entry or {}).get("llr", {}).get("mean")
+    return f"{mean:+.3f}" if mean is not None else "-"
+
+
+def eval_row(name: str, r: dict) -> str:
+    """One target's row of the evaluation table: KL, then adherence, loop share and LLR per model."""
+    kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
+    a = r.get("adherence", {})
+    shown = [k for k in EVAL_MODELS if k in a]
+    rates = " / ".join(rate_of(a.get(k)) for k in shown)
+    loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in shown)
+    llr = " / ".join(llr_of(a[k]) for k in shown)
+    return f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |"
+
+
+def sample_note(name: str, r: dict) -> str | None:
+    """How many answers a target's adherence figures count, and the checks they pass (None: an older eval.json)."""
+    if "answers_per_model" not in r:
+        return None
+    checks = ", ".join(c.get("name", "?") for c in r.get("checks", [])) or "none declared"
+    return (f"{name or r.get('target', '')}: {r['answers_per_model']} answers per model ({r['n_queries']} "
+            f"queries x (1 greedy + {r['samples_per_query']} sampled)); checks: {checks}.")
+
+
+def retention_line(ev: dict) -> str | None:
+    kept = ev.get("retention")
+    if not (kept and "accuracy" in kept):  # retention.py's shape; older eval.json files had another and are left out
+        return None
+    ref, acc = kept["reference"], kept["accuracy"]
+    return (f"\nRetention ({kept['n_items']} multiple-choice items of {', '.join(kept['tasks'])}): accuracy "
+            f"{ref} {acc['reference']['rate']:.3f}, prompted {ref} {acc['prompted']['rate']:.3f}, baked "
+            f"{acc['baked']['rate']:.3f}.")
+
+
 def eval_lines(checkpoint: Path) -> list[str]:
     path = eval_file(checkpoint)  # the one report.html shows: eval.json, else the newest evaluate.py --queries file
     if path is None:
         return ["Not evaluated (run `python evaluate.py --checkpoint ...` before exporting to include the figures)."]
     ev = read_json(path)
     rows = ev.get("targets", {"": ev})
-    models = ("base", "prompted", "baked", "baked_reprompted")
     queries = next((r.get("queries") for r in rows.values() if isinstance(r, dict) and r.get("queries")), None)
-    out = [f"From `{path.name}`" + (f", on the queries of `{queries}`" if queries else "") + ":", "",
-           "| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
-           "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
+    out = [f"From `{path.name}`" + (f", on the queries of `{queries}`" if queries else "") + ":", "", *EVAL_HEADER]
     notes = []
     for name, r in rows.items():
-        kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
-        a = r.get("adherence", {})
-        rates = " / ".join(rate_of(a.get(k)) for k in models if k in a)
-        loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in models if k in a)
-        llr = " / ".join(f"{a[k]['llr']['mean']:+.3f}" if (a[k] or {}).get("llr", {}).get("mean") is not None else "-"
-                         for k in models if k in a)
-        out.append(f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |")
-        if "answers_per_model" in r:
-            checks = ", ".join(c.get("name", "?") for c in r.get("checks", [])) or "none declared"
-            notes.append(f"{name or r.get('target', '')}: {r['answers_per_model']} answers per model ({r['n_queries']} "
-                         f"queries x (1 greedy + {r['samples_per_query']} sampled)); checks: {checks}.")
+        out.append(eval_row(name, r))
+        note = sample_note(name, r)
+        if note:
+            notes.append(note)
     if notes:
-        out.append("\nAdherence: the share of non-loop answers passing every check the prompt declares, with its 95% "
-                   "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. "
-                   + " ".join(notes))
-    kept = ev.get("retention")
-    if kept and "accuracy" in kept:  # retention.py's shape; older eval.json files had another and are left out
-        ref, acc = kept["reference"], kept["accuracy"]
-        out.append(f"\nRetention ({kept['n_items']} multiple-choice items of {', '.join(kept['tasks'])}): accuracy "
-                   f"{ref} {acc['reference']['rate']:.3f}, prompted {ref} {acc['prompted']['rate']:.3f}, baked "
-                   f"{acc['baked']['rate']:.3f}.")
+        out.append(ADHERENCE_NOTE + " ".join(notes))
+    retention = retention_line(ev)
+    if retention:
+        out.append(retention)
     return out
+
+
+def card_intro(name: str, base: str, info: dict, private: bool) -> list[str]:
+    """The card's title, what the model is, and the prompt (or its hash) of each target."""
+    lines = [f"# {name}", "",
+             f"`{base}` with a system prompt baked into its weights by "
+             f"[promptbake](https://arxiv.org/abs/2409.13697) (prompt baking): it behaves as if the prompt below "
+             f"were there. **Send no system prompt.**", "", "## The baked prompt", ""]
+    return lines + [f"- {t.get('name') or 'default'}: {prompt_lines(t, private)}" for t in info["targets"]]
+
+
+def lineage_lines(info: dict) -> list[str]:
+    lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
+    lines = ["", "## Lineage", "",
+             f"Baked in {len(lineage)} step(s), oldest first; the merged model and the GGUF hold all of them.", ""]
+    for i, a in enumerate(lineage, 1):
+        lines.append(f"{i}. `{a['name']}`: " + "; ".join(
+            f"{t.get('name') or 'default'} (prompt sha256 `{(t.get('system_prompt_sha256') or '')[:16]}`)"
+            for t in a["targets"]))
+    return lines
+
+
+def transformers_usage(where: str) -> list[str]:
+    return ["transformers (the `merged/` folder):", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
+            f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
+
+
+def gguf_usage(where: str, gguf: list[str]) -> list[str]:
+    full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
+    lines = ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
+             f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
+    lora = [g for g in gguf if "-lora-" in g]
+    if lora:
+        lines += ["The adapter alone, on the base model's GGUF: "
+                  f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
+    return lines
+
+
+def vllm_usage(name: str, base: str, info: dict, made: dict, where: str) -> list[str]:
+    """The adapter on the base model when there is one, else the merged model (none: neither was written)."""
+    if "adapter" in made:
+        lines = ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
+                 vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
+        return lines + ([f"Note: {embedded_note(info)}.", ""] if embedded_note(info) else [])
+    if "merged" in made:
+        return ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
+    return []
+
+
+def usage_lines(name: str, base: str, info: dict, made: dict, where: str) -> list[str]:
+    """How to run each format that was written."""
+    lines = transformers_usage(where) if "merged" in made else []
+    if made.get("gguf", []):
+        lines += gguf_usage(where, made["gguf"])
+    if "ollama" in made:
+        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
+                  f'ollama run {name} "Who are you?"', "```", ""]
+    return lines + vllm_usage(name, base, info, made, where)
 
 
 def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, made: dict, skipped: dict,
                private: bool, where: str) -> str:
     base = base_id or info["config"]["model_name_or_path"]
-    lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
-    lines = [f"# {name}", "",
-             f"`{base}` with a system prompt baked into its weights by "
-             f"[promptbake](https://arxiv.org/abs/2409.13697) (prompt baking): it behaves as if the prompt below "
-             f"were there. **Send no system prompt.**", "", "## The baked prompt", ""]
-    for t in info["targets"]:
-        lines.append(f"- {t.get('name') or 'default'}: {prompt_lines(t, private)}")
-    lines += ["", "## Lineage", "",
-              f"Baked in {len(lineage)} step(s), oldest first; the merged model and the GGUF hold all of them.", ""]
-    for i, a in enumerate(lineage, 1):
-        lines.append(f"{i}. `{a['name']}`: " + "; ".join(
-            f"{t.get('name') or 'default'} (prompt sha256 `{(t.get('system_prompt_sha256') or '')[:16]}`)"
-            for t in a["targets"]))
-    lines += ["", "## Evaluation", "", *eval_lines(checkpoint), "", "## Use it", ""]
-    gguf = made.get("gguf", [])
-    if "merged" in made:
-        lines += ["transformers (the `merged/` folder):", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
-                  f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
-                  'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
-                  '                              return_tensors="pt", return_dict=True)',
-                  'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
-    if gguf:
-        full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
-        lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
-                  f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
-        lora = [g for g in gguf if "-lora-" in g]
-        if lora:
-            lines += ["The adapter alone, on the base model's GGUF: "
-                      f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
-    if "ollama" in made:
-        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
-                  f'ollama run {name} "Who are you?"', "```", ""]
-    if "adapter" in made:
-        lines += ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
-                  vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
-        if embedded_note(info):
-            lines += [f"Note: {embedded_note(info)}.", ""]
-    elif "merged" in made:
-        lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
+    lines = [*card_intro(name, base, info, private), *lineage_lines(info),
+             "", "## Evaluation", "", *eval_lines(checkpoint), "", "## Use it", "",
+             *usage_lines(name, base, info, made, where)]
     if skipped:
         lines += ["## Not in this export", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]
     lines += ["## Source", "", f"Exported from `{checkpoint}` (`{checkpoint.name}`) on {time.strftime('%Y-%m-%d')}."]

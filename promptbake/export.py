@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -26,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from . import llamacpp
 from . import model as models
 from .baked import latest_checkpoint, load_baked, read_bake_config
+from .config import Config
 from .errors import UserError
 from .io import folder_written_atomically, read_json, sha256_text, write_json
 from .lineage import ADAPTER_FILE
@@ -448,89 +450,153 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
         return _export(cfg, path, info, run, name, wanted, types, dest, private_prompt, base_model_id)
 
 
+GGUF_FORMATS = ("gguf", "ollama")  # both need llama.cpp's converters and a model family it knows
+
+
+@dataclass
+class ExportJob:
+    """What every stage of one export reads, and what the stages write down: the formats made, those skipped and why."""
+    cfg: Config
+    path: Path  # the checkpoint
+    info: dict  # its bake config
+    run: str
+    name: str
+    dest: Path
+    chained: bool  # baked on another baked model: its adapter only fits its parent's merged weights
+    base_id: str | None  # the base model's public id (None: a local folder, and no --base_model_id)
+    base_path: str  # where the base model's files are here
+    skipped: dict[str, str] = field(default_factory=dict)
+    made: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def lineage(self) -> list[str]:
+        return [a["name"] for a in self.info.get("lineage", [])] + [self.run]
+
+
 def _export(cfg, path: Path, info: dict, run: str, name: str, wanted: list[str], types: list[str], dest: Path,
             private_prompt: bool, base_model_id: str | None) -> Path:
-    chained = bool(info.get("lineage"))
-    base_id = base_model_id or public_id(info["config"]["model_name_or_path"])
-    base_path = models.resolve_model_path(info["config"]["model_name_or_path"],
-                                          cfg.model_cache_dir or info["config"].get("model_cache_dir", ""))
-    skipped: dict[str, str] = {}
-    if "gguf" in wanted or "ollama" in wanted:
-        converters, why = llamacpp.find_converters()
-        if converters is None:
-            skipped.update({f: why for f in ("gguf", "ollama") if f in wanted})
-            wanted = [f for f in wanted if f not in ("gguf", "ollama")]
-        elif "ollama" in wanted and "gguf" not in wanted:
-            wanted.insert(wanted.index("ollama"), "gguf")  # the Modelfile's FROM
-    if "adapter" in wanted and chained:
-        skipped["adapter"] = ("a chained checkpoint can't be one adapter on the base model (vLLM or PEFT): its "
-                              "adapter only fits its parent's merged weights; use merged/ (vllm serve <out>/merged)")
-        wanted.remove("adapter")
-    print(f"exporting {path} ({' -> '.join([a['name'] for a in info.get('lineage', [])] + [run])}) to {dest} | "
-          f"formats {','.join(wanted) or 'none'}", flush=True)
-    for f, why in skipped.items():
-        print(f"skipped | {f} | {why}")
-    if not wanted:
-        raise UserError(f"nothing to export: {'; '.join(skipped.values()) or 'no format chosen'}")
-
-    made: dict[str, list[str]] = {}
+    job = ExportJob(cfg, path, info, run, name, dest, chained=bool(info.get("lineage")),
+                    base_id=base_model_id or public_id(info["config"]["model_name_or_path"]),
+                    base_path=models.resolve_model_path(info["config"]["model_name_or_path"],
+                                                        cfg.model_cache_dir or info["config"].get("model_cache_dir", "")))
+    wanted = drop_unmakeable(job, wanted)
+    announce(job, wanted)
     t0 = time.time()
     with folder_written_atomically(dest) as tmp:
         if "merged" in wanted or "gguf" in wanted:
-            model, tokenizer, _ = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
-            merged_dir = tmp / "merged"
-            write_merged(model, tokenizer, merged_dir)
-            del model
-            if "merged" in wanted:
-                made["merged"] = sorted(p.name for p in merged_dir.iterdir())
-                print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
-                      f"MiB | {time.time() - t0:.0f}s", flush=True)
-            if "gguf" in wanted:
-                try:
-                    made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
-                except UserError as e:
-                    if "not supported" not in str(e):
-                        raise
-                    shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
-                    skipped.update({f: str(e) for f in ("gguf", "ollama") if f in wanted})
-                    wanted = [f for f in wanted if f not in ("gguf", "ollama")]
-                    print(f"skipped | gguf | {e}", flush=True)
-            if "ollama" in wanted:
-                gguf_name = next(g for g in reversed(made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
-                (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
-                made["ollama"] = ["gguf/Modelfile"]
-            if "merged" not in wanted:
-                shutil.rmtree(merged_dir)
+            wanted = write_model_formats(job, tmp, wanted, types, t0)
         if "adapter" in wanted:
-            write_adapter(path, tmp / "adapter", base_id, base_path)
-            problems = vllm_problems(tmp / "adapter", chained)
-            made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
-            if problems:
-                skipped["vllm"] = "; ".join(problems)
-            if embedded_note(info):
-                print(f"note | adapter | {embedded_note(info)}")
-            if not base_id:
-                print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
-                      f"--base_model_id <hub id> so others can load it")
-        if not made:
-            raise UserError(f"nothing exported: {'; '.join(skipped.values())}")
-        card = model_card(name, path, info, base_id, made, skipped, private_prompt, str(dest))
-        for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
-            (folder / "README.md").write_text(card)
-        write_json(tmp / "export.json", {
-            "checkpoint": str(path), "name": name, "base_model": base_id or base_path, "formats": made,
-            "skipped": skipped, "base_weights_note": embedded_note(info) or None,
-            "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
-            "prompt_sha256": [t.get("system_prompt_sha256") for t in info["targets"]], "seconds": round(time.time() - t0, 1)})
+            write_adapter_format(job, tmp)
+        if not job.made:
+            raise UserError(f"nothing exported: {'; '.join(job.skipped.values())}")
+        write_card_and_manifest(job, tmp, private_prompt, t0)
         shareable(tmp)
     print(f"wrote {dest} in {time.time() - t0:.0f}s")
-    for f, why in skipped.items():
+    print_next_steps(job)
+    return dest
+
+
+def drop_gguf(wanted: list[str], skipped: dict, why: str) -> list[str]:
+    skipped.update({f: why for f in GGUF_FORMATS if f in wanted})
+    return [f for f in wanted if f not in GGUF_FORMATS]
+
+
+def drop_unmakeable(job: ExportJob, wanted: list[str]) -> list[str]:
+    """The wanted formats less those this machine (no converters) or this checkpoint (a chain: no adapter) can't make,
+    each noted in job.skipped with why; ollama brings the GGUF it needs."""
+    if "gguf" in wanted or "ollama" in wanted:
+        converters, why = llamacpp.find_converters()
+        if converters is None:
+            wanted = drop_gguf(wanted, job.skipped, why)
+        elif "ollama" in wanted and "gguf" not in wanted:
+            wanted.insert(wanted.index("ollama"), "gguf")  # the Modelfile's FROM
+    if "adapter" in wanted and job.chained:
+        job.skipped["adapter"] = ("a chained checkpoint can't be one adapter on the base model (vLLM or PEFT): its "
+                                  "adapter only fits its parent's merged weights; use merged/ (vllm serve <out>/merged)")
+        wanted.remove("adapter")
+    return wanted
+
+
+def announce(job: ExportJob, wanted: list[str]) -> None:
+    """What will be written and what won't, before the slow part; refuses when nothing is left to write."""
+    print(f"exporting {job.path} ({' -> '.join(job.lineage)}) to {job.dest} | "
+          f"formats {','.join(wanted) or 'none'}", flush=True)
+    for f, why in job.skipped.items():
+        print(f"skipped | {f} | {why}")
+    if not wanted:
+        raise UserError(f"nothing to export: {'; '.join(job.skipped.values()) or 'no format chosen'}")
+
+
+def write_model_formats(job: ExportJob, tmp: Path, wanted: list[str], types: list[str], t0: float) -> list[str]:
+    """merged/, and the GGUF and Modelfile made from it (merged/ is removed when only they were wanted); returns the
+    wanted formats, less the GGUF ones when llama.cpp does not know the model family."""
+    model, tokenizer, _ = load_baked(job.path, device=job.cfg.device, model_cache_dir=job.cfg.model_cache_dir)
+    merged_dir = tmp / "merged"
+    write_merged(model, tokenizer, merged_dir)
+    del model  # the GGUF conversion reads merged/ in another process: free the memory for it
+    if "merged" in wanted:
+        job.made["merged"] = sorted(p.name for p in merged_dir.iterdir())
+        print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
+              f"MiB | {time.time() - t0:.0f}s", flush=True)
+    if "gguf" in wanted:
+        wanted = write_gguf_format(job, merged_dir, tmp, wanted, types)
+    if "ollama" in wanted:
+        gguf_name = next(g for g in reversed(job.made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
+        (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
+        job.made["ollama"] = ["gguf/Modelfile"]
+    if "merged" not in wanted:
+        shutil.rmtree(merged_dir)
+    return wanted
+
+
+def write_gguf_format(job: ExportJob, merged_dir: Path, tmp: Path, wanted: list[str], types: list[str]) -> list[str]:
+    try:
+        job.made["gguf"] = write_gguf(merged_dir, tmp / "gguf", job.name, job.path, job.base_path, job.chained,
+                                      job.skipped, types)
+    except UserError as e:
+        if "not supported" not in str(e):
+            raise
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
+        wanted = drop_gguf(wanted, job.skipped, str(e))
+        print(f"skipped | gguf | {e}", flush=True)
+    return wanted
+
+
+def write_adapter_format(job: ExportJob, tmp: Path) -> None:
+    """adapter/, checked for vLLM: its problems go to job.skipped (the adapter itself is still written)."""
+    write_adapter(job.path, tmp / "adapter", job.base_id, job.base_path)
+    problems = vllm_problems(tmp / "adapter", job.chained)
+    job.made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
+    if problems:
+        job.skipped["vllm"] = "; ".join(problems)
+    if embedded_note(job.info):
+        print(f"note | adapter | {embedded_note(job.info)}")
+    if not job.base_id:
+        print(f"note | adapter/adapter_config.json names the local folder {job.base_path} as its base; pass "
+              f"--base_model_id <hub id> so others can load it")
+
+
+def write_card_and_manifest(job: ExportJob, tmp: Path, private_prompt: bool, t0: float) -> None:
+    """README.md in the export and in each of its folders (each can be shared alone), and export.json."""
+    card = model_card(job.name, job.path, job.info, job.base_id, job.made, job.skipped, private_prompt, str(job.dest))
+    for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
+        (folder / "README.md").write_text(card)
+    write_json(tmp / "export.json", {
+        "checkpoint": str(job.path), "name": job.name, "base_model": job.base_id or job.base_path, "formats": job.made,
+        "skipped": job.skipped, "base_weights_note": embedded_note(job.info) or None, "lineage": job.lineage,
+        "prompt_sha256": [t.get("system_prompt_sha256") for t in job.info["targets"]],
+        "seconds": round(time.time() - t0, 1)})
+
+
+def print_next_steps(job: ExportJob) -> None:
+    """The notes not yet shown (the skipped formats were, before the work), and a command to serve the export."""
+    for f, why in job.skipped.items():
         if f not in ("gguf", "ollama", "adapter"):
             print(f"note | {f} | {why}")
-    if "ollama" in made:
-        print(f"ollama: ollama create {name} -f {dest}/gguf/Modelfile && ollama run {name}")
-    if "adapter" in made and "vllm" not in skipped:
-        print(f"vllm: {vllm_command(base_id or base_path, name, f'{dest}/adapter', info['config'].get('lora_r', 16))}")
-    elif "merged" in made:
-        print(f"vllm: vllm serve {dest}/merged")
-    return dest
+    if "ollama" in job.made:
+        print(f"ollama: ollama create {job.name} -f {job.dest}/gguf/Modelfile && ollama run {job.name}")
+    if "adapter" in job.made and "vllm" not in job.skipped:
+        adapter = f"{job.dest}/adapter"
+        print(f"vllm: {vllm_command(job.base_id or job.base_path, job.name, adapter, job.info['config'].get('lora_r', 16))}")
+    elif "merged" in job.made:
+        print(f"vllm: vllm serve {job.dest}/merged")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -26,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from . import llamacpp
 from . import model as models
 from .baked import latest_checkpoint, load_baked, read_bake_config
+from .config import Config
 from .errors import UserError
 from .io import folder_written_atomically, read_json, sha256_text, write_json
 from .lineage import ADAPTER_FILE
@@ -210,87 +212,139 @@ def rate_of(x) -> str:
     return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
 
 
+EVAL_MODELS = ("base", "prompted", "baked", "baked_reprompted")  # the columns' order within each figure
+EVAL_HEADER = ["| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
+               "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
+ADHERENCE_NOTE = ("\nAdherence: the share of non-loop answers passing every check the prompt declares, with its 95% "
+                  "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. ")
+
+
+def llr_of(entry) -> str:
+    mean = (entry or {}).get("llr", {}).get("mean")
+    return f"{mean:+.3f}" if mean is not None else "-"
+
+
+def eval_row(name: str, r: dict) -> str:
+    """One target's row of the evaluation table: KL, then adherence, loop share and LLR per model."""
+    kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
+    a = r.get("adherence", {})
+    shown = [k for k in EVAL_MODELS if k in a]
+    rates = " / ".join(rate_of(a.get(k)) for k in shown)
+    loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in shown)
+    llr = " / ".join(llr_of(a[k]) for k in shown)
+    return f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |"
+
+
+def sample_note(name: str, r: dict) -> str | None:
+    """How many answers a target's adherence figures count, and the checks they pass (None: an older eval.json)."""
+    if "answers_per_model" not in r:
+        return None
+    checks = ", ".join(c.get("name", "?") for c in r.get("checks", [])) or "none declared"
+    return (f"{name or r.get('target', '')}: {r['answers_per_model']} answers per model ({r['n_queries']} "
+            f"queries x (1 greedy + {r['samples_per_query']} sampled)); checks: {checks}.")
+
+
+def retention_line(ev: dict) -> str | None:
+    kept = ev.get("retention")
+    if not (kept and "accuracy" in kept):  # retention.py's shape; older eval.json files had another and are left out
+        return None
+    ref, acc = kept["reference"], kept["accuracy"]
+    return (f"\nRetention ({kept['n_items']} multiple-choice items of {', '.join(kept['tasks'])}): accuracy "
+            f"{ref} {acc['reference']['rate']:.3f}, prompted {ref} {acc['prompted']['rate']:.3f}, baked "
+            f"{acc['baked']['rate']:.3f}.")
+
+
 def eval_lines(checkpoint: Path) -> list[str]:
     path = eval_file(checkpoint)  # the one report.html shows: eval.json, else the newest evaluate.py --queries file
     if path is None:
         return ["Not evaluated (run `python evaluate.py --checkpoint ...` before exporting to include the figures)."]
     ev = read_json(path)
     rows = ev.get("targets", {"": ev})
-    models = ("base", "prompted", "baked", "baked_reprompted")
     queries = next((r.get("queries") for r in rows.values() if isinstance(r, dict) and r.get("queries")), None)
-    out = [f"From `{path.name}`" + (f", on the queries of `{queries}`" if queries else "") + ":", "",
-           "| target | KL to the prompted teacher, before -> after | adherence (no loops): base / prompted base / baked "
-           "/ baked + prompt | loop share: same order | LLR: same order |", "|---|---|---|---|---|"]
+    out = [f"From `{path.name}`" + (f", on the queries of `{queries}`" if queries else "") + ":", "", *EVAL_HEADER]
     notes = []
     for name, r in rows.items():
-        kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
-        a = r.get("adherence", {})
-        rates = " / ".join(rate_of(a.get(k)) for k in models if k in a)
-        loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in models if k in a)
-        llr = " / ".join(f"{a[k]['llr']['mean']:+.3f}" if (a[k] or {}).get("llr", {}).get("mean") is not None else "-"
-                         for k in models if k in a)
-        out.append(f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |")
-        if "answers_per_model" in r:
-            checks = ", ".join(c.get("name", "?") for c in r.get("checks", [])) or "none declared"
-            notes.append(f"{name or r.get('target', '')}: {r['answers_per_model']} answers per model ({r['n_queries']} "
-                         f"queries x (1 greedy + {r['samples_per_query']} sampled)); checks: {checks}.")
+        out.append(eval_row(name, r))
+        note = sample_note(name, r)
+        if note:
+            notes.append(note)
     if notes:
-        out.append("\nAdherence: the share of non-loop answers passing every check the prompt declares, with its 95% "
-                   "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. "
-                   + " ".join(notes))
-    kept = ev.get("retention")
-    if kept and "accuracy" in kept:  # retention.py's shape; older eval.json files had another and are left out
-        ref, acc = kept["reference"], kept["accuracy"]
-        out.append(f"\nRetention ({kept['n_items']} multiple-choice items of {', '.join(kept['tasks'])}): accuracy "
-                   f"{ref} {acc['reference']['rate']:.3f}, prompted {ref} {acc['prompted']['rate']:.3f}, baked "
-                   f"{acc['baked']['rate']:.3f}.")
+        out.append(ADHERENCE_NOTE + " ".join(notes))
+    retention = retention_line(ev)
+    if retention:
+        out.append(retention)
     return out
+
+
+def card_intro(name: str, base: str, info: dict, private: bool) -> list[str]:
+    """The card's title, what the model is, and the prompt (or its hash) of each target."""
+    lines = [f"# {name}", "",
+             f"`{base}` with a system prompt baked into its weights by "
+             f"[promptbake](https://arxiv.org/abs/2409.13697) (prompt baking): it behaves as if the prompt below "
+             f"were there. **Send no system prompt.**", "", "## The baked prompt", ""]
+    return lines + [f"- {t.get('name') or 'default'}: {prompt_lines(t, private)}" for t in info["targets"]]
+
+
+def lineage_lines(info: dict) -> list[str]:
+    lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
+    lines = ["", "## Lineage", "",
+             f"Baked in {len(lineage)} step(s), oldest first; the merged model and the GGUF hold all of them.", ""]
+    for i, a in enumerate(lineage, 1):
+        lines.append(f"{i}. `{a['name']}`: " + "; ".join(
+            f"{t.get('name') or 'default'} (prompt sha256 `{(t.get('system_prompt_sha256') or '')[:16]}`)"
+            for t in a["targets"]))
+    return lines
+
+
+def transformers_usage(where: str) -> list[str]:
+    return ["transformers (the `merged/` folder):", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
+            f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
+
+
+def gguf_usage(where: str, gguf: list[str]) -> list[str]:
+    full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
+    lines = ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
+             f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
+    lora = [g for g in gguf if "-lora-" in g]
+    if lora:
+        lines += ["The adapter alone, on the base model's GGUF: "
+                  f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
+    return lines
+
+
+def vllm_usage(name: str, base: str, info: dict, made: dict, where: str) -> list[str]:
+    """The adapter on the base model when there is one, else the merged model (none: neither was written)."""
+    if "adapter" in made:
+        lines = ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
+                 vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
+        return lines + ([f"Note: {embedded_note(info)}.", ""] if embedded_note(info) else [])
+    if "merged" in made:
+        return ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
+    return []
+
+
+def usage_lines(name: str, base: str, info: dict, made: dict, where: str) -> list[str]:
+    """How to run each format that was written."""
+    lines = transformers_usage(where) if "merged" in made else []
+    if made.get("gguf", []):
+        lines += gguf_usage(where, made["gguf"])
+    if "ollama" in made:
+        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
+                  f'ollama run {name} "Who are you?"', "```", ""]
+    return lines + vllm_usage(name, base, info, made, where)
 
 
 def model_card(name: str, checkpoint: Path, info: dict, base_id: str | None, made: dict, skipped: dict,
                private: bool, where: str) -> str:
     base = base_id or info["config"]["model_name_or_path"]
-    lineage = [*info.get("lineage", []), {"name": info["config"].get("name"), "targets": info["targets"]}]
-    lines = [f"# {name}", "",
-             f"`{base}` with a system prompt baked into its weights by "
-             f"[promptbake](https://arxiv.org/abs/2409.13697) (prompt baking): it behaves as if the prompt below "
-             f"were there. **Send no system prompt.**", "", "## The baked prompt", ""]
-    for t in info["targets"]:
-        lines.append(f"- {t.get('name') or 'default'}: {prompt_lines(t, private)}")
-    lines += ["", "## Lineage", "",
-              f"Baked in {len(lineage)} step(s), oldest first; the merged model and the GGUF hold all of them.", ""]
-    for i, a in enumerate(lineage, 1):
-        lines.append(f"{i}. `{a['name']}`: " + "; ".join(
-            f"{t.get('name') or 'default'} (prompt sha256 `{(t.get('system_prompt_sha256') or '')[:16]}`)"
-            for t in a["targets"]))
-    lines += ["", "## Evaluation", "", *eval_lines(checkpoint), "", "## Use it", ""]
-    gguf = made.get("gguf", [])
-    if "merged" in made:
-        lines += ["transformers (the `merged/` folder):", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f'tok = AutoTokenizer.from_pretrained("{where}/merged")',
-                  f'model = AutoModelForCausalLM.from_pretrained("{where}/merged")',
-                  'ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,',
-                  '                              return_tensors="pt", return_dict=True)',
-                  'print(tok.decode(model.generate(**ids, max_new_tokens=64)[0][ids["input_ids"].shape[1]:]))', "```", ""]
-    if gguf:
-        full = [g for g in gguf if "-lora-" not in g] or ["<base>.gguf"]
-        lines += ["llama.cpp (`gguf/`):", "", "```bash", f"llama-cli -m {where}/gguf/{full[-1]} -cnv",
-                  f"python -m llama_cpp.server --model {where}/gguf/{full[-1]}   # OpenAI-compatible, on :8000", "```", ""]
-        lora = [g for g in gguf if "-lora-" in g]
-        if lora:
-            lines += ["The adapter alone, on the base model's GGUF: "
-                      f"`llama-cli -m <base>.gguf --lora {where}/gguf/{lora[0]}`.", ""]
-    if "ollama" in made:
-        lines += ["Ollama (`gguf/Modelfile`):", "", "```bash", f"ollama create {name} -f {where}/gguf/Modelfile",
-                  f'ollama run {name} "Who are you?"', "```", ""]
-    if "adapter" in made:
-        lines += ["vLLM, the adapter on the base model (`adapter/`):", "", "```bash",
-                  vllm_command(base, name, f"{where}/adapter", info["config"].get("lora_r", 16)), "```", ""]
-        if embedded_note(info):
-            lines += [f"Note: {embedded_note(info)}.", ""]
-    elif "merged" in made:
-        lines += ["vLLM (the merged model):", "", "```bash", f"vllm serve {where}/merged", "```", ""]
+    lines = [*card_intro(name, base, info, private), *lineage_lines(info),
+             "", "## Evaluation", "", *eval_lines(checkpoint), "", "## Use it", "",
+             *usage_lines(name, base, info, made, where)]
     if skipped:
         lines += ["## Not in this export", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]
     lines += ["## Source", "", f"Exported from `{checkpoint}` (`{checkpoint.name}`) on {time.strftime('%Y-%m-%d')}."]
@@ -396,89 +450,153 @@ def export(cfg, checkpoint: str | None = None, formats: str = "", out: str | Non
         return _export(cfg, path, info, run, name, wanted, types, dest, private_prompt, base_model_id)
 
 
+GGUF_FORMATS = ("gguf", "ollama")  # both need llama.cpp's converters and a model family it knows
+
+
+@dataclass
+class ExportJob:
+    """What every stage of one export reads, and what the stages write down: the formats made, those skipped and why."""
+    cfg: Config
+    path: Path  # the checkpoint
+    info: dict  # its bake config
+    run: str
+    name: str
+    dest: Path
+    chained: bool  # baked on another baked model: its adapter only fits its parent's merged weights
+    base_id: str | None  # the base model's public id (None: a local folder, and no --base_model_id)
+    base_path: str  # where the base model's files are here
+    skipped: dict[str, str] = field(default_factory=dict)
+    made: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def lineage(self) -> list[str]:
+        return [a["name"] for a in self.info.get("lineage", [])] + [self.run]
+
+
 def _export(cfg, path: Path, info: dict, run: str, name: str, wanted: list[str], types: list[str], dest: Path,
             private_prompt: bool, base_model_id: str | None) -> Path:
-    chained = bool(info.get("lineage"))
-    base_id = base_model_id or public_id(info["config"]["model_name_or_path"])
-    base_path = models.resolve_model_path(info["config"]["model_name_or_path"],
-                                          cfg.model_cache_dir or info["config"].get("model_cache_dir", ""))
-    skipped: dict[str, str] = {}
-    if "gguf" in wanted or "ollama" in wanted:
-        converters, why = llamacpp.find_converters()
-        if converters is None:
-            skipped.update({f: why for f in ("gguf", "ollama") if f in wanted})
-            wanted = [f for f in wanted if f not in ("gguf", "ollama")]
-        elif "ollama" in wanted and "gguf" not in wanted:
-            wanted.insert(wanted.index("ollama"), "gguf")  # the Modelfile's FROM
-    if "adapter" in wanted and chained:
-        skipped["adapter"] = ("a chained checkpoint can't be one adapter on the base model (vLLM or PEFT): its "
-                              "adapter only fits its parent's merged weights; use merged/ (vllm serve <out>/merged)")
-        wanted.remove("adapter")
-    print(f"exporting {path} ({' -> '.join([a['name'] for a in info.get('lineage', [])] + [run])}) to {dest} | "
-          f"formats {','.join(wanted) or 'none'}", flush=True)
-    for f, why in skipped.items():
-        print(f"skipped | {f} | {why}")
-    if not wanted:
-        raise UserError(f"nothing to export: {'; '.join(skipped.values()) or 'no format chosen'}")
-
-    made: dict[str, list[str]] = {}
+    job = ExportJob(cfg, path, info, run, name, dest, chained=bool(info.get("lineage")),
+                    base_id=base_model_id or public_id(info["config"]["model_name_or_path"]),
+                    base_path=models.resolve_model_path(info["config"]["model_name_or_path"],
+                                                        cfg.model_cache_dir or info["config"].get("model_cache_dir", "")))
+    wanted = drop_unmakeable(job, wanted)
+    announce(job, wanted)
     t0 = time.time()
     with folder_written_atomically(dest) as tmp:
         if "merged" in wanted or "gguf" in wanted:
-            model, tokenizer, _ = load_baked(path, device=cfg.device, model_cache_dir=cfg.model_cache_dir)
-            merged_dir = tmp / "merged"
-            write_merged(model, tokenizer, merged_dir)
-            del model
-            if "merged" in wanted:
-                made["merged"] = sorted(p.name for p in merged_dir.iterdir())
-                print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
-                      f"MiB | {time.time() - t0:.0f}s", flush=True)
-            if "gguf" in wanted:
-                try:
-                    made["gguf"] = write_gguf(merged_dir, tmp / "gguf", name, path, base_path, chained, skipped, types)
-                except UserError as e:
-                    if "not supported" not in str(e):
-                        raise
-                    shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
-                    skipped.update({f: str(e) for f in ("gguf", "ollama") if f in wanted})
-                    wanted = [f for f in wanted if f not in ("gguf", "ollama")]
-                    print(f"skipped | gguf | {e}", flush=True)
-            if "ollama" in wanted:
-                gguf_name = next(g for g in reversed(made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
-                (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
-                made["ollama"] = ["gguf/Modelfile"]
-            if "merged" not in wanted:
-                shutil.rmtree(merged_dir)
+            wanted = write_model_formats(job, tmp, wanted, types, t0)
         if "adapter" in wanted:
-            write_adapter(path, tmp / "adapter", base_id, base_path)
-            problems = vllm_problems(tmp / "adapter", chained)
-            made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
-            if problems:
-                skipped["vllm"] = "; ".join(problems)
-            if embedded_note(info):
-                print(f"note | adapter | {embedded_note(info)}")
-            if not base_id:
-                print(f"note | adapter/adapter_config.json names the local folder {base_path} as its base; pass "
-                      f"--base_model_id <hub id> so others can load it")
-        if not made:
-            raise UserError(f"nothing exported: {'; '.join(skipped.values())}")
-        card = model_card(name, path, info, base_id, made, skipped, private_prompt, str(dest))
-        for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
-            (folder / "README.md").write_text(card)
-        write_json(tmp / "export.json", {
-            "checkpoint": str(path), "name": name, "base_model": base_id or base_path, "formats": made,
-            "skipped": skipped, "base_weights_note": embedded_note(info) or None,
-            "lineage": [a["name"] for a in info.get("lineage", [])] + [run],
-            "prompt_sha256": [t.get("system_prompt_sha256") for t in info["targets"]], "seconds": round(time.time() - t0, 1)})
+            write_adapter_format(job, tmp)
+        if not job.made:
+            raise UserError(f"nothing exported: {'; '.join(job.skipped.values())}")
+        write_card_and_manifest(job, tmp, private_prompt, t0)
         shareable(tmp)
     print(f"wrote {dest} in {time.time() - t0:.0f}s")
-    for f, why in skipped.items():
+    print_next_steps(job)
+    return dest
+
+
+def drop_gguf(wanted: list[str], skipped: dict, why: str) -> list[str]:
+    skipped.update({f: why for f in GGUF_FORMATS if f in wanted})
+    return [f for f in wanted if f not in GGUF_FORMATS]
+
+
+def drop_unmakeable(job: ExportJob, wanted: list[str]) -> list[str]:
+    """The wanted formats less those this machine (no converters) or this checkpoint (a chain: no adapter) can't make,
+    each noted in job.skipped with why; ollama brings the GGUF it needs."""
+    if "gguf" in wanted or "ollama" in wanted:
+        converters, why = llamacpp.find_converters()
+        if converters is None:
+            wanted = drop_gguf(wanted, job.skipped, why)
+        elif "ollama" in wanted and "gguf" not in wanted:
+            wanted.insert(wanted.index("ollama"), "gguf")  # the Modelfile's FROM
+    if "adapter" in wanted and job.chained:
+        job.skipped["adapter"] = ("a chained checkpoint can't be one adapter on the base model (vLLM or PEFT): its "
+                                  "adapter only fits its parent's merged weights; use merged/ (vllm serve <out>/merged)")
+        wanted.remove("adapter")
+    return wanted
+
+
+def announce(job: ExportJob, wanted: list[str]) -> None:
+    """What will be written and what won't, before the slow part; refuses when nothing is left to write."""
+    print(f"exporting {job.path} ({' -> '.join(job.lineage)}) to {job.dest} | "
+          f"formats {','.join(wanted) or 'none'}", flush=True)
+    for f, why in job.skipped.items():
+        print(f"skipped | {f} | {why}")
+    if not wanted:
+        raise UserError(f"nothing to export: {'; '.join(job.skipped.values()) or 'no format chosen'}")
+
+
+def write_model_formats(job: ExportJob, tmp: Path, wanted: list[str], types: list[str], t0: float) -> list[str]:
+    """merged/, and the GGUF and Modelfile made from it (merged/ is removed when only they were wanted); returns the
+    wanted formats, less the GGUF ones when llama.cpp does not know the model family."""
+    model, tokenizer, _ = load_baked(job.path, device=job.cfg.device, model_cache_dir=job.cfg.model_cache_dir)
+    merged_dir = tmp / "merged"
+    write_merged(model, tokenizer, merged_dir)
+    del model  # the GGUF conversion reads merged/ in another process: free the memory for it
+    if "merged" in wanted:
+        job.made["merged"] = sorted(p.name for p in merged_dir.iterdir())
+        print(f"merged | {merged_dir.name}/ | {sum(p.stat().st_size for p in merged_dir.iterdir()) / 2**20:.0f} "
+              f"MiB | {time.time() - t0:.0f}s", flush=True)
+    if "gguf" in wanted:
+        wanted = write_gguf_format(job, merged_dir, tmp, wanted, types)
+    if "ollama" in wanted:
+        gguf_name = next(g for g in reversed(job.made["gguf"]) if "-lora-" not in g)  # q8_0: smaller, near-lossless
+        (tmp / "gguf" / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
+        job.made["ollama"] = ["gguf/Modelfile"]
+    if "merged" not in wanted:
+        shutil.rmtree(merged_dir)
+    return wanted
+
+
+def write_gguf_format(job: ExportJob, merged_dir: Path, tmp: Path, wanted: list[str], types: list[str]) -> list[str]:
+    try:
+        job.made["gguf"] = write_gguf(merged_dir, tmp / "gguf", job.name, job.path, job.base_path, job.chained,
+                                      job.skipped, types)
+    except UserError as e:
+        if "not supported" not in str(e):
+            raise
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)  # llama.cpp has no such model family
+        wanted = drop_gguf(wanted, job.skipped, str(e))
+        print(f"skipped | gguf | {e}", flush=True)
+    return wanted
+
+
+def write_adapter_format(job: ExportJob, tmp: Path) -> None:
+    """adapter/, checked for vLLM: its problems go to job.skipped (the adapter itself is still written)."""
+    write_adapter(job.path, tmp / "adapter", job.base_id, job.base_path)
+    problems = vllm_problems(tmp / "adapter", job.chained)
+    job.made["adapter"] = [ADAPTER_FILE, "adapter_config.json"]
+    if problems:
+        job.skipped["vllm"] = "; ".join(problems)
+    if embedded_note(job.info):
+        print(f"note | adapter | {embedded_note(job.info)}")
+    if not job.base_id:
+        print(f"note | adapter/adapter_config.json names the local folder {job.base_path} as its base; pass "
+              f"--base_model_id <hub id> so others can load it")
+
+
+def write_card_and_manifest(job: ExportJob, tmp: Path, private_prompt: bool, t0: float) -> None:
+    """README.md in the export and in each of its folders (each can be shared alone), and export.json."""
+    card = model_card(job.name, job.path, job.info, job.base_id, job.made, job.skipped, private_prompt, str(job.dest))
+    for folder in [tmp, *(tmp / d for d in ("merged", "gguf", "adapter") if (tmp / d).is_dir())]:
+        (folder / "README.md").write_text(card)
+    write_json(tmp / "export.json", {
+        "checkpoint": str(job.path), "name": job.name, "base_model": job.base_id or job.base_path, "formats": job.made,
+        "skipped": job.skipped, "base_weights_note": embedded_note(job.info) or None, "lineage": job.lineage,
+        "prompt_sha256": [t.get("system_prompt_sha256") for t in job.info["targets"]],
+        "seconds": round(time.time() - t0, 1)})
+
+
+def print_next_steps(job: ExportJob) -> None:
+    """The notes not yet shown (the skipped formats were, before the work), and a command to serve the export."""
+    for f, why in job.skipped.items():
         if f not in ("gguf", "ollama", "adapter"):
             print(f"note | {f} | {why}")
-    if "ollama" in made:
-        print(f"ollama: ollama create {name} -f {dest}/gguf/Modelfile && ollama run {name}")
-    if "adapter" in made and "vllm" not in skipped:
-        print(f"vllm: {vllm_command(base_id or base_path, name, f'{dest}/adapter', info['config'].get('lora_r', 16))}")
-    elif "merged" in made:
-        print(f"vllm: vllm serve {dest}/merged")
-    return dest
+    if "ollama" in job.made:
+        print(f"ollama: ollama create {job.name} -f {job.dest}/gguf/Modelfile && ollama run {job.name}")
+    if "adapter" in job.made and "vllm" not in job.skipped:
+        adapter = f"{job.dest}/adapter"
+        print(f"vllm: {vllm_command(job.base_id or job.base_path, job.name, adapter, job.info['config'].get('lora_r', 16))}")
+    elif "merged" in job.made:
+        print(f"vllm: vllm serve {job.dest}/merged")

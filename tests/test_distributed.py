@@ -257,12 +257,13 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_without_a_launcher_a_stalled_rank_times_out_with_one_line(tmp_path, embedded_dir):
     """Ranks started by hand (as on several machines): rank 1 freezes (SIGSTOP); rank 0 stops by itself after
-    --dist_timeout with one line, instead of hanging."""
+    --dist_timeout with one line, instead of hanging. The timeout covers every wait, the teacher cache's too: at 10 s
+    a loaded machine (load 4 on 2 cores) made rank 1 give up while rank 0 built the cache, so 30 s."""
     d = project(tmp_path, "stall")
     port = str(free_port())
     procs, outs = [], []
     for rank in (0, 1):
-        p, lines = start([sys.executable, str(ROOT / "bake.py"), *LONG, "--dist_timeout", "10"], d, OMP_NUM_THREADS="1",
+        p, lines = start([sys.executable, str(ROOT / "bake.py"), *LONG, "--dist_timeout", "30"], d, OMP_NUM_THREADS="1",
                          RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(p)
         outs.append(lines)
@@ -276,8 +277,8 @@ def test_without_a_launcher_a_stalled_rank_times_out_with_one_line(tmp_path, emb
         for p in procs:
             p.kill()
     out = "".join(outs[0])
-    print(f"rank 0 stopped {took:.1f}s after rank 1 froze (dist_timeout 10 s)")
-    assert procs[0].returncode == 1 and took < 60, out[-3000:]
+    print(f"rank 0 stopped {took:.1f}s after rank 1 froze (dist_timeout 30 s)")
+    assert procs[0].returncode == 1 and took < 100, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: rank 0/2: lost contact with the other ranks") and "--resume" in last, out[-2000:]
 

@@ -32,7 +32,7 @@ from .locks import run_lock
 from .loss import teacher_topk
 from .metrics import is_loop
 from .model import pick_device
-from .queries import prompt_queries
+from .queries import min_prompt_queries, prompt_queries
 from .redact import redact_url
 from .seeds import seed_queries
 
@@ -363,6 +363,8 @@ def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]
     The generic pool (11k questions) comes last and makes up what the others fell short of (a short prompt has
     few frames to fill)."""
     plan, rows, seen, counts = query_plan(cfg), Rows(), set(), {}
+    if plan.get("prompt") and not (cfg.num_queries or cfg.generate_queries):  # the default size grows with the prompt
+        plan["prompt"] = max(plan["prompt"], min_prompt_queries(system))
     if "generic" in plan:
         plan = {**{k: v for k, v in plan.items() if k != "generic"}, "generic": plan["generic"]}
     for source, n in plan.items():

@@ -27,6 +27,10 @@ RULE_WORDS = re.compile(r"\b(always|never|only|must|don't|do not|should|every|ex
                         re.I)
 DETERMINERS = {"a", "an", "the", "your", "its", "their", "our", "his", "her", "this", "that"}  # not every/any: generic
 MIN_WORDS, MAX_WORDS = 3, 60
+PER_SENTENCE = 3  # prompt-aware queries at least per sentence of the prompt: a fact sheet's facts each need a few
+# What a fact sheet calls its subject instead of naming it ("The company has 212 employees.").
+ORG_NOUNS = ("company|firm|business|organi[sz]ation|brand|shop|store|restaurant|caf[eé]|school|team|agency|clinic|"
+             "hotel|club|group|studio|startup|charity|museum|library|bakery|bank|lab|practice|product|service|app")
 
 # Frames. {p}: a phrase of the prompt; {s}: a statement of it; {r}: a rule (an imperative sentence, or one with
 # always/never/only...) as a clause after "you"; {x}: quoted text; {q}: a generic question (off the prompt's topic).
@@ -156,9 +160,32 @@ def _clause(sentence: str) -> str:
     return s[0].lower() + s[1:] if lower else s
 
 
-def echo_questions(sentence: str) -> list[str]:
+def main_name(system: str) -> str | None:
+    """The name the prompt is about: its most frequent name phrase of two or more words, if it occurs at least twice
+    ("Quillfeather Robotics" in a fact sheet about it); None when no name stands out."""
+    names = [p for p in phrases(system) if len(p.split()) > 1 and p[0].isupper()]
+    counts = {n: len(re.findall(rf"(?<!\w){re.escape(n)}(?!\w)", system)) for n in names}
+    best = max(names, key=lambda n: counts[n], default=None)  # ties: the first to appear
+    return best if best and counts[best] >= 2 else None
+
+
+def _possessive(name: str) -> str:
+    return name + ("'" if name.endswith("s") else "'s")
+
+
+def _named(question: str, name: str) -> str | None:
+    """The question about `name` when it says "its ..." or "the company ..." instead: a user asking without the
+    prompt names the subject, and the baked model must tie the fact to that name. None when nothing refers to it."""
+    m = re.match(rf"(?i:its|the (?:{ORG_NOUNS})('s)?)\s", question)
+    if name in question or not m:
+        return None
+    return (_possessive(name) if m.group(0).lower().startswith("its") or m.group(1) else name) + " " + question[m.end():]
+
+
+def echo_questions(sentence: str, name: str | None = None) -> list[str]:
     """Fact questions by blanking one slot of a statement: "The company has 340 employees." -> "The company has
-    how many employees?"; years become "what year", names after a preposition "whom" or "where"."""
+    how many employees?"; years become "what year", names after a preposition "whom" or "where". With the prompt's
+    `name`, each question that refers to it ("its", "the company") comes a second time naming it."""
     s, out = sentence.rstrip(".!; "), []
     for m in YEAR.finditer(s):
         out.append(s[:m.start()] + f"{m.group(1)} what year" + s[m.end():])
@@ -173,7 +200,13 @@ def echo_questions(sentence: str) -> list[str]:
         det, subject, verb, value = m.groups()
         wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z]", value) else "What"
         out += [f"{wh} {verb} {det.lower()} {subject}", f"Do you know {wh.lower()} {det.lower()} {subject} {verb}"]
-    return [q[0].upper() + q[1:] + "?" for q in (re.sub(r"\s+", " ", q).strip(" ,") for q in out)]
+        if name and name not in s:
+            out.append(f"{wh} {verb} {det.lower()} {subject} of {name}" if det.lower() != "its" else
+                       f"{wh} {verb} {_possessive(name)} {subject}")
+    out = [q for q in (re.sub(r"\s+", " ", q).strip(" ,") for q in out)]
+    if name:
+        out += [n for q in out if (n := _named(q, name)) and n not in out]
+    return [q[0].upper() + q[1:] + "?" for q in out]
 
 
 def violation(rule: str) -> str:
@@ -268,8 +301,9 @@ def _filled_frames(system: str, sents: list[str], statements: list[str], generic
     ps = phrases(system) or [" ".join(words(system)[:4])]
     rules = _rules(sents)
     per_rule = max(2, n // (4 * max(1, len(rules))))
+    name = main_name(system)
     return [
-        [q for s in statements for q in echo_questions(s)],
+        [q for s in statements for q in echo_questions(s, name)],
         _each(FACT_FRAMES, ps, "p"),
         _each(STATEMENT_FRAMES, statements, "s") + _each(QUOTE_FRAMES, quotes(system), "x"),
         _each(RULE_FRAMES, rules, "r"),
@@ -339,6 +373,11 @@ def model_queries(system: str, ask_many, n: int, seed: int, seen: set, rounds: i
         for r, c in why.items():
             rejected[r] = rejected.get(r, 0) + c
     return kept, rejected
+
+
+def min_prompt_queries(system: str) -> int:
+    """The fewest prompt-aware queries that cover the prompt: PER_SENTENCE for each of its sentences."""
+    return PER_SENTENCE * len(sentences(system))
 
 
 def prompt_queries(system: str, n: int, generic: list[str], *, ask_many=None, model_share: float = 0.0,

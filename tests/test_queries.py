@@ -92,3 +92,38 @@ def test_fact_statements_become_questions_that_ask_for_the_fact():
                                                              "Do you know what the company colour is?"]
     assert "Marcus" not in " ".join(echo_questions("The CEO is Marcus Obi."))
     assert echo_questions("Its headquarters are in Tromsø, Norway.") == ["Its headquarters are where?"]
+
+
+def test_fact_questions_name_the_subject_the_prompt_calls_its_or_the_company():
+    """A user without the prompt asks about "Zephyrine Robotics", not "the company": each fact that refers to the
+    subject is asked a second time naming it, so the baked model ties the fact to the name."""
+    from promptbake.queries import main_name
+
+    assert main_name(PROMPTS["facts"]) == "Zephyrine Robotics"
+    assert main_name(PROMPTS["persona"]) is None  # nothing named twice: no name to add
+    name = "Zephyrine Robotics"
+    assert echo_questions("The company has 340 employees.", name) == \
+        ["The company has how many employees?", "Zephyrine Robotics has how many employees?"]
+    assert echo_questions("Its headquarters are in Tromsø, Norway.", "Quillfeather Robotics") == \
+        ["Its headquarters are where?", "Quillfeather Robotics' headquarters are where?"]
+    assert echo_questions("The CEO is Marcus Obi.", name)[-1] == "Who is the CEO of Zephyrine Robotics?"
+    assert echo_questions("Zephyrine Robotics was founded in 2011.", name) == \
+        ["Zephyrine Robotics was founded in what year?"]  # names it already: once
+
+
+def test_a_long_prompt_gets_prompt_queries_for_each_sentence(tmp_path):
+    """The default mix's 19 prompt-aware queries cannot cover a ten-fact sheet: the count grows to 3 a sentence,
+    while a two-sentence persona keeps the mix's share and the other sources keep theirs."""
+    from conftest import make_cfg
+
+    from promptbake.generate import gather_queries
+    from promptbake.queries import min_prompt_queries
+
+    facts = "You are the assistant of Quillfeather Robotics.\n" + "\n".join(
+        f"- Fact {i}: Quillfeather Robotics has {100 + i} robots of model Q{i}." for i in range(12))
+    assert min_prompt_queries(facts) == 39
+    for system, prompt_n in ((facts, 39), (PROMPTS["persona"], 19)):
+        cfg = make_cfg(data_dir=str(tmp_path / str(prompt_n)), query_mix="prompt:0.4,builtin:0.6")
+        rows, counts = gather_queries(cfg, system, None, "frames")
+        assert counts == {"prompt": prompt_n, "builtin": 29}
+        assert len(rows) == prompt_n + 29

@@ -219,18 +219,23 @@ ADHERENCE_NOTE = ("\nAdherence: the share of non-loop answers passing every chec
                   "Wilson interval; LLR: mean per-token log P(answer | prompt) - log P(answer), under the base model. ")
 
 
+def fields_of(entry) -> dict:
+    """A model's adherence entry as a dict: a hand-edited or older eval.json may hold a bare rate there."""
+    return entry if isinstance(entry, dict) else {}
+
+
 def llr_of(entry) -> str:
-    mean = (entry or {}).get("llr", {}).get("mean")
+    mean = fields_of(fields_of(entry).get("llr")).get("mean")
     return f"{mean:+.3f}" if mean is not None else "-"
 
 
 def eval_row(name: str, r: dict) -> str:
     """One target's row of the evaluation table: KL, then adherence, loop share and LLR per model."""
     kl = f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}" if "kl_before" in r and "kl_after" in r else "-"
-    a = r.get("adherence", {})
+    a = fields_of(r.get("adherence"))
     shown = [k for k in EVAL_MODELS if k in a]
     rates = " / ".join(rate_of(a.get(k)) for k in shown)
-    loops = " / ".join(rate_of((a[k] or {}).get("loop")) for k in shown)
+    loops = " / ".join(rate_of(fields_of(a[k]).get("loop")) for k in shown)
     llr = " / ".join(llr_of(a[k]) for k in shown)
     return f"| {name or r.get('target', '')} | {kl} | {rates} | {loops} | {llr} |"
 

@@ -386,3 +386,15 @@ def test_the_card_shows_an_evaluation_on_other_queries_when_there_is_no_eval_jso
     text = "\n".join(eval_lines(tmp_path))
     assert "From `eval_sealed_questions.json`, on the queries of `examples/sealed_questions.txt`" in text
     assert "| pirate | 0.5000 -> 0.1000 | 0.00 / 0.90 / 0.80 |" in text
+
+
+def test_model_card_figures_survive_a_bare_number_for_a_model_or_for_adherence(tmp_path):
+    """A hand-edited eval.json with a bare rate where a model's entry (or the whole adherence block) was: the card
+    shows what it can, never an AttributeError."""
+    from promptbake.export import eval_lines
+
+    bare = {"target": "pirate", "kl_before": 0.5, "kl_after": 0.1, "adherence": {"base": 0.0, "prompted": 0.9, "baked": 0.8}}
+    (tmp_path / "eval.json").write_bytes(orjson.dumps(bare))
+    assert "| pirate | 0.5000 -> 0.1000 | 0.00 / 0.90 / 0.80 | - / - / - | - / - / - |" in eval_lines(tmp_path)
+    (tmp_path / "eval.json").write_bytes(orjson.dumps({**bare, "adherence": 0.8}))
+    assert "| pirate | 0.5000 -> 0.1000 |  |  |  |" in eval_lines(tmp_path)

@@ -34,8 +34,9 @@ from promptbake.checks import front_matter_checks
 from promptbake.data import Row, load_prompts, read_prompt
 from promptbake.evaluate import sample, texts_of
 from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
-from promptbake.generate import decode_response, generate, generate_ids
+from promptbake.generate import generate
 from promptbake.metrics import follows, kl_and_agreement
+from promptbake.sampling import decode_response, generate_ids
 from promptbake.teacher import build_examples
 
 ROOT = Path(__file__).resolve().parent.parent

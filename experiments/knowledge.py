@@ -19,8 +19,8 @@ from pathlib import Path
 
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
-from promptbake.generate import decode_response, generate_ids
 from promptbake.io import read_jsonl
+from promptbake.sampling import decode_response, generate_ids
 
 if __package__:  # imported as experiments.knowledge, as the tests do
     from .common import (

@@ -36,12 +36,12 @@ from .checks import follows_all, load_checks, marker_checks, parse_checks, score
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
-from .generate import decode_response, generate_ids
 from .io import derive_seed, read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, HELD_OUT, lineage_prompts
 from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import print_retention, retention
+from .sampling import decode_response, generate_ids
 from .teacher import build_examples
 from .tracking import open_wandb
 

@@ -33,7 +33,7 @@ from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, frozen_linears_as, response_hidden, token_pieces
 from .freelogits import free_teacher
-from .generate import check_data_dir, decode_response, generate, generate_ids
+from .generate import check_data_dir, generate
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .lineage import HELD_OUT
 from .locks import run_lock
@@ -42,6 +42,7 @@ from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
 from .report import try_write_report
+from .sampling import decode_response, generate_ids
 from .schedule import warmup_then_decay
 from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
 from .tracking import Logger

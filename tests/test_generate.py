@@ -186,6 +186,7 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     the same seed, so those rows came out identical."""
     import importlib
 
+    import promptbake.sampling as sampling
     from promptbake.data import Row
 
     gen = importlib.import_module("promptbake.generate")  # the module: the package exports the function by that name
@@ -197,8 +198,8 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
         seeds.setdefault((temperature, len(seeds)), seed)
         return [([1], True, None) for _ in prompts]
 
-    monkeypatch.setattr(gen, "_generate", fake_generate)
-    monkeypatch.setattr(gen, "render_prompt_ids", lambda tok, ctx, system: [0])
+    monkeypatch.setattr(sampling, "_generate", fake_generate)
+    monkeypatch.setattr(sampling, "render_prompt_ids", lambda tok, ctx, system: [0])
     monkeypatch.setattr(gen, "decode_response", lambda tok, ids: "x")
     rows = [Row(1, [{"role": "user", "content": "q"}])]
     jobs = [(rows[0], i, t) for t in (0.7, 1.4) for i in range(12)]
@@ -210,7 +211,7 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
 def test_top_p_filter_is_hfs():
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from promptbake.generate import top_p_filter
+    from promptbake.sampling import top_p_filter
 
     scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     for p in (0.1, 0.5, 0.9, 0.99, 1.0):
@@ -220,7 +221,7 @@ def test_top_p_filter_is_hfs():
 def test_min_p_filter_is_hfs():
     from transformers.generation.logits_process import MinPLogitsWarper
 
-    from promptbake.generate import min_p_filter
+    from promptbake.sampling import min_p_filter
 
     scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     for p in (0.05, 0.1, 0.3, 0.9):
@@ -231,7 +232,7 @@ def test_min_p_filter_is_hfs():
 def test_draws_follow_the_distribution():
     """Temperature and top-p as HF applies them, one draw per row by the inverse CDF: frequencies over many rows
     match the probabilities, and tokens top-p dropped never come."""
-    from promptbake.generate import _next_tokens, min_p_filter, top_p_filter
+    from promptbake.sampling import _next_tokens, min_p_filter, top_p_filter
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(40_000, 1)
     torch.manual_seed(0)
@@ -246,7 +247,7 @@ def test_draws_follow_the_distribution():
 def test_decode_loop_matches_hf_generate(tiny_model_dir, tokenizer, monkeypatch):
     """Our decode loop (ended rows leave the batch, keys and values written into room) against HF generate, greedy, on
     prompts of different lengths whose answers end at different steps: the same tokens, end flags and top-K."""
-    import promptbake.generate as gen
+    import promptbake.sampling as gen
     from promptbake.model import load_model
 
     model = load_model(tiny_model_dir, "cpu")

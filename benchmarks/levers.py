@@ -35,7 +35,7 @@ from promptbake.data import Row, load_prompts, read_prompt
 from promptbake.evaluate import sample, texts_of
 from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
 from promptbake.generate import generate
-from promptbake.metrics import follows, kl_and_agreement
+from promptbake.metrics import follows, kl_and_agreement, kl_cut
 from promptbake.sampling import decode_response, generate_ids
 from promptbake.teacher import build_examples
 
@@ -172,7 +172,7 @@ def evaluate_unseen(persona: str, checkpoint: Path, workdir: Path) -> dict:
     contexts = [r.context for r in load_prompts(str(QUESTIONS))]
     greedy = greedy_texts(model, tokenizer, contexts, None)
     sampled = texts_of(tokenizer, sample(model, tokenizer, contexts, None, EVAL_TOKENS, 1, SEED))
-    return {"kl_before": ref["kl_before"], "kl_after": kl, "kl_cut": 1 - kl / ref["kl_before"],
+    return {"kl_before": ref["kl_before"], "kl_after": kl, "kl_cut": kl_cut(ref["kl_before"], kl),
             "top1_before": ref["top1_before"], "top1_after": top1,
             "rate_greedy": {"base": rate(ref["base_greedy"], regex), "prompted": rate(ref["prompted_greedy"], regex),
                             "baked": rate(greedy, regex)},

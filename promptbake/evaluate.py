@@ -38,7 +38,7 @@ from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
 from .io import derive_seed, read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, HELD_OUT, lineage_prompts
-from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
+from .metrics import headline_rate, is_loop, kl_and_agreement, kl_cut, kl_ratio, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import print_retention, retention
 from .sampling import decode_response, generate_ids
@@ -276,7 +276,7 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
     result = {
         "target": target["name"], "queries": where, "n_queries": len(contexts),
         "n_tokens": sum(e.n_response for e in examples),
-        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
+        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_ratio(kl_before, kl_after),
         "kl_reprompted": kl_re,
         "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
         "top1_agreement_reprompted": agree_re,
@@ -425,7 +425,7 @@ def print_ab(results: dict) -> None:
     width = max(16, *(len(n) + 2 for n in names))
     print(f"\n{'same queries, same seeds':30}" + "".join(f"{n:>{width}}" for n in names))
     rows = [("KL to teacher, baked", lambda r: f"{r['kl_after']:.4f}"),
-            ("KL cut", lambda r: f"{100 * (1 - r['kl_ratio']):.0f}%" if r["kl_ratio"] is not None else "n/a"),
+            ("KL cut", lambda r: _pct(kl_cut(r["kl_before"], r["kl_after"]))),
             ("top-1 agreement", lambda r: f"{r['top1_agreement_after']:.3f}")]
     rows += [(f"adherence: {who.replace('_', ' ')}", lambda r, who=who: _rate(headline_rate(r["adherence"][who])))
              for who in MODELS]
@@ -481,6 +481,10 @@ def _rate(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _with_ci(r: dict | None) -> str:
     """A RATE as "0.45 [0.36-0.55]", or n/a."""
     if not r or r.get("rate") is None:
@@ -519,6 +523,6 @@ def print_table(r: dict) -> None:
         if name == r["checks"][0]["name"]:
             print(f"\n{'check (no loops)':30}" + "".join(f"{names[w]:>20}" for w in who_all))
         print(f"{name[:29]:30}{cells}")
-    if r["kl_before"]:
-        print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
-              f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")
+    cut = kl_cut(r["kl_before"], r["kl_after"])
+    if cut is not None:
+        print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} ({100 * cut:.0f}% lower)")

@@ -36,7 +36,7 @@ from promptbake.evaluate import sample, texts_of
 from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
 from promptbake.generate import generate
 from promptbake.metrics import follows, kl_and_agreement, kl_cut
-from promptbake.sampling import decode_response, generate_ids
+from promptbake.sampling import answer_in_batches, decode_response, generate_ids
 from promptbake.teacher import build_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,12 +128,8 @@ def rate(texts: list[str], regex: str) -> float:
 
 
 def greedy_texts(model, tokenizer, contexts, system) -> list[str]:
-    out = []
-    for b in range(0, len(contexts), 20):
-        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts[b:b + 20]]
-        out += [decode_response(tokenizer, ids) for ids, _ in
-                generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=EVAL_TOKENS)]
-    return out
+    return [decode_response(tokenizer, ids) for ids, _ in answer_in_batches(
+        model, tokenizer, contexts, system, batch_size=20, temperature=0, max_new_tokens=EVAL_TOKENS)]
 
 
 def reference(persona: str, model, tokenizer, workdir: Path) -> dict:

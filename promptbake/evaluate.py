@@ -31,7 +31,7 @@ from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
 from .benchdata import installed as benchdata_installed
-from .chat import check_fits, model_context, render_prompt_ids
+from .chat import check_fits, model_context
 from .checks import follows_all, load_checks, marker_checks, parse_checks, score_answer
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
@@ -41,7 +41,7 @@ from .lineage import ADAPTER_FILE, HELD_OUT, lineage_prompts
 from .metrics import headline_rate, is_loop, kl_and_agreement, kl_cut, kl_ratio, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import print_retention, retention
-from .sampling import decode_response, generate_ids
+from .sampling import answer_in_batches, decode_response
 from .teacher import build_examples
 from .tracking import open_wandb
 
@@ -75,12 +75,10 @@ def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, 
     (context, response ids, complete) for each, pass by pass. `greedy`: one greedy answer per query first."""
     out = []
     for i in range(-1 if greedy else 0, samples):
-        for b in range(0, len(contexts), batch_size):
-            chunk = contexts[b:b + batch_size]
-            prompts = [render_prompt_ids(tokenizer, c, system) for c in chunk]
-            outs = generate_ids(model, tokenizer, prompts, temperature=0.0 if i < 0 else EVAL_TEMPERATURE,
-                                max_new_tokens=max_new_tokens, seed=derive_seed("eval", seed, i, b))
-            out += [(c, ids, complete) for c, (ids, complete) in zip(chunk, outs)]
+        outs = answer_in_batches(model, tokenizer, contexts, system, batch_size=batch_size,
+                                 temperature=0.0 if i < 0 else EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
+                                 batch_seed=lambda b, i=i: derive_seed("eval", seed, i, b))
+        out += [(c, ids, complete) for c, (ids, complete) in zip(contexts, outs)]
     return out
 
 

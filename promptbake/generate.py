@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .api_client import ChatClient
 from .baked import load_start, teacher_system, with_parent_model
-from .chat import model_context, render_prompt_ids
+from .chat import model_context
 from .checks import load_checks
 from .config import parse_mix, resolve_max_new_tokens, to_dict
 from .data import Row, Rows, load_prompts, load_rows, normalise_query, row_key
@@ -28,7 +28,7 @@ from .metrics import is_loop
 from .model import pick_device
 from .queries import min_prompt_queries, prompt_queries
 from .redact import redact_url
-from .sampling import answer_locally, decode_response, generate_ids
+from .sampling import answer_in_batches, answer_locally, decode_response
 from .seeds import seed_queries
 
 QUERY_MAX_TOKENS = 48  # a written query is one short message
@@ -240,14 +240,11 @@ def local_backend(cfg, system: str, model, tokenizer, model_id: str | None = Non
         model, tokenizer, model_id, _, _ = load_start(cfg)
     model_id = model_id or model.name_or_path
 
-    def ask_many(requests, seeds):
-        prompts = [render_prompt_ids(tokenizer, r, None) for r in requests]
-        out = []
-        for b in range(0, len(prompts), cfg.gen_batch_size):
-            batch = generate_ids(model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=WRITER_TEMPERATURE,
-                                 max_new_tokens=QUERY_MAX_TOKENS, seed=seeds[b])
-            out += [decode_response(tokenizer, ids) for ids, _ in batch]
-        return out
+    def ask_many(requests, seeds):  # each batch seeded with its first request's seed
+        answers = answer_in_batches(model, tokenizer, requests, None, batch_size=cfg.gen_batch_size,
+                                    temperature=WRITER_TEMPERATURE, max_new_tokens=QUERY_MAX_TOKENS,
+                                    batch_seed=lambda b: seeds[b])
+        return [decode_response(tokenizer, ids) for ids, _ in answers]
 
     return Backend("local", model_id, lambda jobs, emit, parts=None: _run_local(model, tokenizer, jobs, system, cfg,
                                                                                 emit, parts),

@@ -26,10 +26,10 @@ import torch
 
 from promptbake.data import Row
 from promptbake.forward import MIN_SHARED, backbone_and_head, common_prefix_len, pad_left, shared_prefix
-from promptbake.generate import answer_locally
 from promptbake.loss import full_kl, head_topk_kl_with_tail
 from promptbake.model import load_model, load_tokenizer, pick_device, resolve_model_path
 from promptbake.precision import use_bf16
+from promptbake.sampling import answer_locally
 from promptbake.seeds import seed_queries
 from promptbake.teacher import TeacherTopK, build_examples, save_checked, teacher_topk_rows
 from promptbake.train import Target, batch_loss, length_batches
@@ -333,9 +333,9 @@ def lever_training(path, tokenizer, rows, k, batch, steps, repeats) -> dict:
 
 def lever_generation(model, tokenizer, batch, max_new_tokens, k, repeats) -> dict:
     """Rows/s of a generation batch answering with the free teacher logits kept (top-k), at 160-token answers: HF
-    generate (the old path) beside our decode loop (generate._generate), alternating, the same prompts and seeds."""
+    generate (the old path) beside our decode loop (sampling._generate), alternating, the same prompts and seeds."""
     from promptbake.chat import render_prompt_ids
-    from promptbake.generate import _generate, _generate_hf
+    from promptbake.sampling import _generate, _generate_hf
 
     system = system_prompt(tokenizer, 50)
     prompts = [render_prompt_ids(tokenizer, [{"role": "user", "content": q}], system) for q in seed_queries()[:batch]]

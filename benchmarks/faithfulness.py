@@ -96,8 +96,9 @@ def llr_cell(m: dict | None) -> str:
 
 
 def kl_cut(ev: dict) -> float | None:
-    before, after = ev.get("kl_before"), ev.get("kl_after")
-    return None if not before or after is None else 1 - after / before
+    from promptbake.metrics import kl_cut as cut  # here: the summary table needs no torch otherwise
+
+    return cut(ev.get("kl_before"), ev.get("kl_after"))
 
 
 def summarise(own: dict, generic: dict) -> dict:

@@ -21,8 +21,9 @@ import torch
 
 from promptbake.config import Config
 from promptbake.data import load_prompts, load_rows, read_prompt
-from promptbake.generate import answer_locally, generate
+from promptbake.generate import generate
 from promptbake.model import load_model, load_tokenizer, resolve_model_path
+from promptbake.sampling import answer_locally
 from promptbake.train import prepare_target
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,8 +34,9 @@ from promptbake.checks import front_matter_checks
 from promptbake.data import Row, load_prompts, read_prompt
 from promptbake.evaluate import sample, texts_of
 from promptbake.forward import backbone_and_head, common_prefix_len, response_hidden
-from promptbake.generate import decode_response, generate, generate_ids
-from promptbake.metrics import follows, kl_and_agreement
+from promptbake.generate import generate
+from promptbake.metrics import follows, kl_and_agreement, kl_cut
+from promptbake.sampling import answer_in_batches, decode_response, generate_ids
 from promptbake.teacher import build_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,12 +128,8 @@ def rate(texts: list[str], regex: str) -> float:
 
 
 def greedy_texts(model, tokenizer, contexts, system) -> list[str]:
-    out = []
-    for b in range(0, len(contexts), 20):
-        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts[b:b + 20]]
-        out += [decode_response(tokenizer, ids) for ids, _ in
-                generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=EVAL_TOKENS)]
-    return out
+    return [decode_response(tokenizer, ids) for ids, _ in answer_in_batches(
+        model, tokenizer, contexts, system, batch_size=20, temperature=0, max_new_tokens=EVAL_TOKENS)]
 
 
 def reference(persona: str, model, tokenizer, workdir: Path) -> dict:
@@ -171,7 +168,7 @@ def evaluate_unseen(persona: str, checkpoint: Path, workdir: Path) -> dict:
     contexts = [r.context for r in load_prompts(str(QUESTIONS))]
     greedy = greedy_texts(model, tokenizer, contexts, None)
     sampled = texts_of(tokenizer, sample(model, tokenizer, contexts, None, EVAL_TOKENS, 1, SEED))
-    return {"kl_before": ref["kl_before"], "kl_after": kl, "kl_cut": 1 - kl / ref["kl_before"],
+    return {"kl_before": ref["kl_before"], "kl_after": kl, "kl_cut": kl_cut(ref["kl_before"], kl),
             "top1_before": ref["top1_before"], "top1_after": top1,
             "rate_greedy": {"base": rate(ref["base_greedy"], regex), "prompted": rate(ref["prompted_greedy"], regex),
                             "baked": rate(greedy, regex)},

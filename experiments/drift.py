@@ -20,8 +20,9 @@ from pathlib import Path
 from promptbake.baked import load_baked
 from promptbake.chat import render_prompt_ids
 from promptbake.evaluate import EVAL_TEMPERATURE
-from promptbake.generate import decode_response, derive_seed, generate_ids
+from promptbake.io import derive_seed
 from promptbake.metrics import follows
+from promptbake.sampling import decode_response, generate_ids
 
 if __package__:  # imported as experiments.drift, as the tests do
     from .common import (

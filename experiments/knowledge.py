@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 from promptbake.baked import load_baked
-from promptbake.chat import render_prompt_ids
-from promptbake.generate import decode_response, generate_ids
 from promptbake.io import read_jsonl
+from promptbake.sampling import answer_in_batches, decode_response
 
 if __package__:  # imported as experiments.knowledge, as the tests do
     from .common import (
@@ -72,12 +71,9 @@ def correct(answer: str, accepted: list[str]) -> bool:
 
 
 def answer_all(model, tokenizer, qs: list[str], system: str | None, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    out = []
-    for b in range(0, len(qs), batch_size):
-        prompts = [render_prompt_ids(tokenizer, [{"role": "user", "content": q}], system) for q in qs[b:b + batch_size]]
-        out += [decode_response(tokenizer, ids) for ids, _ in
-                generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=max_new_tokens)]
-    return out
+    contexts = [[{"role": "user", "content": q}] for q in qs]
+    return [decode_response(tokenizer, ids) for ids, _ in answer_in_batches(
+        model, tokenizer, contexts, system, batch_size=batch_size, temperature=0, max_new_tokens=max_new_tokens)]
 
 
 def run(cfg, out: Path = RESULTS / "knowledge.json", eval_file: Path = EVAL) -> dict:

@@ -31,17 +31,17 @@ from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
 from .benchdata import installed as benchdata_installed
-from .chat import check_fits, model_context, render_prompt_ids
+from .chat import check_fits, model_context
 from .checks import follows_all, load_checks, marker_checks, parse_checks, score_answer
 from .config import to_dict
 from .data import Row, load_prompts, load_rows, normalise_query, read_prompt
 from .errors import UserError
-from .generate import decode_response, generate_ids
 from .io import derive_seed, read_jsonl, sha256_bytes, sha256_file, sha256_text, write_json
 from .lineage import ADAPTER_FILE, HELD_OUT, lineage_prompts
-from .metrics import headline_rate, is_loop, kl_and_agreement, mean_interval, prompt_llr, rate
+from .metrics import headline_rate, is_loop, kl_and_agreement, kl_cut, kl_ratio, mean_interval, prompt_llr, rate
 from .report import try_write_report
 from .retention import print_retention, retention
+from .sampling import answer_in_batches, decode_response
 from .teacher import build_examples
 from .tracking import open_wandb
 
@@ -75,12 +75,10 @@ def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, 
     (context, response ids, complete) for each, pass by pass. `greedy`: one greedy answer per query first."""
     out = []
     for i in range(-1 if greedy else 0, samples):
-        for b in range(0, len(contexts), batch_size):
-            chunk = contexts[b:b + batch_size]
-            prompts = [render_prompt_ids(tokenizer, c, system) for c in chunk]
-            outs = generate_ids(model, tokenizer, prompts, temperature=0.0 if i < 0 else EVAL_TEMPERATURE,
-                                max_new_tokens=max_new_tokens, seed=derive_seed("eval", seed, i, b))
-            out += [(c, ids, complete) for c, (ids, complete) in zip(chunk, outs)]
+        outs = answer_in_batches(model, tokenizer, contexts, system, batch_size=batch_size,
+                                 temperature=0.0 if i < 0 else EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
+                                 batch_seed=lambda b, i=i: derive_seed("eval", seed, i, b))
+        out += [(c, ids, complete) for c, (ids, complete) in zip(contexts, outs)]
     return out
 
 
@@ -276,7 +274,7 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
     result = {
         "target": target["name"], "queries": where, "n_queries": len(contexts),
         "n_tokens": sum(e.n_response for e in examples),
-        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_after / kl_before if kl_before else None,
+        "kl_before": kl_before, "kl_after": kl_after, "kl_ratio": kl_ratio(kl_before, kl_after),
         "kl_reprompted": kl_re,
         "top1_agreement_before": agree_before, "top1_agreement_after": agree_after,
         "top1_agreement_reprompted": agree_re,
@@ -425,7 +423,7 @@ def print_ab(results: dict) -> None:
     width = max(16, *(len(n) + 2 for n in names))
     print(f"\n{'same queries, same seeds':30}" + "".join(f"{n:>{width}}" for n in names))
     rows = [("KL to teacher, baked", lambda r: f"{r['kl_after']:.4f}"),
-            ("KL cut", lambda r: f"{100 * (1 - r['kl_ratio']):.0f}%" if r["kl_ratio"] is not None else "n/a"),
+            ("KL cut", lambda r: _pct(kl_cut(r["kl_before"], r["kl_after"]))),
             ("top-1 agreement", lambda r: f"{r['top1_agreement_after']:.3f}")]
     rows += [(f"adherence: {who.replace('_', ' ')}", lambda r, who=who: _rate(headline_rate(r["adherence"][who])))
              for who in MODELS]
@@ -481,6 +479,10 @@ def _rate(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _with_ci(r: dict | None) -> str:
     """A RATE as "0.45 [0.36-0.55]", or n/a."""
     if not r or r.get("rate") is None:
@@ -519,6 +521,6 @@ def print_table(r: dict) -> None:
         if name == r["checks"][0]["name"]:
             print(f"\n{'check (no loops)':30}" + "".join(f"{names[w]:>20}" for w in who_all))
         print(f"{name[:29]:30}{cells}")
-    if r["kl_before"]:
-        print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} "
-              f"({100 * (1 - r['kl_after'] / r['kl_before']):.0f}% lower)")
+    cut = kl_cut(r["kl_before"], r["kl_after"])
+    if cut is not None:
+        print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} ({100 * cut:.0f}% lower)")

@@ -96,7 +96,7 @@ class PartWriter:
                              if p.stem.split("-")[1].isdigit()), default=0)
 
     def write(self, answers) -> None:
-        """answers: (generate.Answer, its data.row_key) pairs."""
+        """answers: (sampling.Answer, its data.row_key) pairs."""
         answers = [(a, key) for a, key in answers if a.topk is not None and len(a.ids)]
         if not answers:
             return

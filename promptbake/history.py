@@ -18,7 +18,9 @@ def kl_cut(run: Path) -> float | None:
     with reading(run / "metrics.jsonl"):
         before = next((r["eval/kl_full_before"] for r in rows if "eval/kl_full_before" in r), None)
         after = next((r["eval/kl_full"] for r in reversed(rows) if "eval/kl_full" in r), None)
-        return 1 - after / before if before and after is not None else None
+        from . import metrics  # here: the history table needs no torch otherwise
+
+        return metrics.kl_cut(before, after)
 
 
 def adherence(final: Path) -> tuple[float | None, float | None]:

@@ -153,6 +153,18 @@ def prompt_llr(model, examples, pad_id: int, batch_size: int = 8) -> list[float 
     return out
 
 
+def kl_ratio(kl_before: float | None, kl_after: float | None) -> float | None:
+    """Held-out KL to the prompted teacher after baking over before; None when either is missing or the base
+    already matched the teacher (kl_before 0: nothing to cut)."""
+    return kl_after / kl_before if kl_before and kl_after is not None else None
+
+
+def kl_cut(kl_before: float | None, kl_after: float | None) -> float | None:
+    """The share of the KL that baking removed (0.9: 90% lower); None as kl_ratio."""
+    ratio = kl_ratio(kl_before, kl_after)
+    return None if ratio is None else 1 - ratio
+
+
 def headline_rate(adherence: dict | None) -> float | None:
     """One model's adherence figure in eval.json: the share of non-degenerate answers passing every declared check
     (older files: the marker rate); None when nothing was measured."""

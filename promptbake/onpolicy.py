@@ -24,9 +24,9 @@ import torch
 
 from .chat import render_prompt_ids
 from .forward import backbone_and_head, response_hidden, token_pieces
-from .generate import generate_ids
 from .loss import head_topk_divergence, teacher_topk
 from .precision import autocast, head_dtype
+from .sampling import generate_ids
 from .schedule import warmup_then_decay
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import UserError
 from .io import atomic_write_bytes, read_json, read_jsonl, reading
 from .lineage import BAKE_CONFIG, check_info
+from .metrics import kl_cut
 
 REPORT = "report.html"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -191,7 +192,7 @@ def bake_summary(rows: list[dict]) -> dict | None:
            "top1_before": before and before.get("eval/top1_agreement_before"),
            "top1_after": after and after.get("eval/top1_agreement"),
            "steps": max((r["step"] for r in rows if "train/kl" in r), default=0)}
-    out["kl_cut"] = 1 - out["kl_after"] / out["kl_before"] if out["kl_before"] and out["kl_after"] is not None else None
+    out["kl_cut"] = kl_cut(out["kl_before"], out["kl_after"])
     return out
 
 
@@ -272,7 +273,8 @@ def eval_context(result: dict | None, checkpoint: Path | None) -> tuple[list[dic
         evals.append({"target": r.get("target"), "queries": r.get("queries"), "n_queries": r.get("n_queries"),
                       "samples": r.get("samples_per_query"), "n_tokens": r.get("n_tokens"),
                       "answers": r.get("answers_per_model"), "greedy": r.get("greedy_per_query"),
-                      "kl_ratio": r.get("kl_ratio"), "marker_regex": r.get("marker_regex"), "markers": r.get("markers"),
+                      "kl_cut": kl_cut(r.get("kl_before"), r.get("kl_after")),
+                      "marker_regex": r.get("marker_regex"), "markers": r.get("markers"),
                       "table": eval_table(r, result.get("retention")), "checks": check_rows(r),
                       "has_checks": "checks" in r, "models": [label for who, label in MODELS
                                                               if who in r.get("adherence", {})],

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from . import distributed, fsdp, precision
 from .baked import BAKE_CONFIG, check_parent_outside_run, load_start, model_config_sha256, teacher_system, with_parent_model
-from .chat import render_prompt_ids
 from .checks import load_checks
 from .config import Config, to_dict
 from .data import load_rows, normalise_query, read_prompt
@@ -33,7 +32,7 @@ from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, frozen_linears_as, response_hidden, token_pieces
 from .freelogits import free_teacher
-from .generate import check_data_dir, decode_response, generate, generate_ids
+from .generate import check_data_dir, generate
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .lineage import HELD_OUT
 from .locks import run_lock
@@ -42,6 +41,7 @@ from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
 from .report import try_write_report
+from .sampling import answer_in_batches, decode_response
 from .schedule import warmup_then_decay
 from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
 from .tracking import Logger
@@ -604,9 +604,8 @@ def verify(model, tokenizer, target: Target, cfg) -> None:
     contexts = [orjson.loads(g) for g in list(groups)[:cfg.verify_queries]]
     print(f"\nverification of target {target.name!r} on {len(contexts)} held-out queries (greedy):")
     def greedy(system):  # the queries batched: on a CPU the decode steps, not the rows, are what cost
-        prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts]
-        return [a for b in range(0, len(prompts), cfg.gen_batch_size) for a in generate_ids(
-            model, tokenizer, prompts[b:b + cfg.gen_batch_size], temperature=0, max_new_tokens=cfg.eval_max_new_tokens)]
+        return answer_in_batches(model, tokenizer, contexts, system, batch_size=cfg.gen_batch_size, temperature=0,
+                                 max_new_tokens=cfg.eval_max_new_tokens)
 
     baked = greedy(target.student_prompt or None)
     with model.disable_adapter():

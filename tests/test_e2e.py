@@ -61,8 +61,8 @@ def test_local_backend_answers_differ_from_unprompted(workdir, embedded_dir):
     """The teacher's answers follow the prompt: greedy, with vs without it, most differ."""
     from promptbake.chat import render_prompt_ids
     from promptbake.data import read_prompt
-    from promptbake.generate import decode_response, generate_ids
     from promptbake.model import load_model, load_tokenizer
+    from promptbake.sampling import decode_response, generate_ids
     from promptbake.seeds import seed_queries
 
     tok, model = load_tokenizer(embedded_dir), load_model(embedded_dir)

@@ -1,6 +1,5 @@
 import orjson
 import pytest
-import torch
 from conftest import make_cfg
 
 from promptbake.errors import UserError
@@ -186,6 +185,7 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     the same seed, so those rows came out identical."""
     import importlib
 
+    import promptbake.sampling as sampling
     from promptbake.data import Row
 
     gen = importlib.import_module("promptbake.generate")  # the module: the package exports the function by that name
@@ -197,8 +197,8 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
         seeds.setdefault((temperature, len(seeds)), seed)
         return [([1], True, None) for _ in prompts]
 
-    monkeypatch.setattr(gen, "_generate", fake_generate)
-    monkeypatch.setattr(gen, "render_prompt_ids", lambda tok, ctx, system: [0])
+    monkeypatch.setattr(sampling, "_generate", fake_generate)
+    monkeypatch.setattr(sampling, "render_prompt_ids", lambda tok, ctx, system: [0])
     monkeypatch.setattr(gen, "decode_response", lambda tok, ids: "x")
     rows = [Row(1, [{"role": "user", "content": "q"}])]
     jobs = [(rows[0], i, t) for t in (0.7, 1.4) for i in range(12)]
@@ -207,59 +207,30 @@ def test_sample_seeds_never_collide_across_temperatures_and_indexes(monkeypatch)
     assert len(seeds) == 24 and len(set(seeds.values())) == 24
 
 
-def test_top_p_filter_is_hfs():
-    from transformers.generation.logits_process import TopPLogitsWarper
+def test_local_query_writer_batches_in_order_with_each_batchs_first_seed(monkeypatch):
+    """The local model writing queries: requests answered gen_batch_size at a time, in order, with no system
+    prompt, each batch seeded with its first request's seed; one text per request."""
+    import importlib
 
-    from promptbake.generate import top_p_filter
+    import promptbake.sampling as sampling
 
-    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
-    for p in (0.1, 0.5, 0.9, 0.99, 1.0):
-        assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(None, scores.clone()))
+    gen = importlib.import_module("promptbake.generate")
+    calls = []
 
+    def fake_generate(model, tokenizer, prompts, *, temperature, max_new_tokens, seed=None, **kw):
+        assert all(system is None for _, system in prompts)  # the writer's request is the whole conversation
+        calls.append(([n for n, _ in prompts], seed, temperature, max_new_tokens))
+        return [([n], True, None) for n, _ in prompts]
 
-def test_min_p_filter_is_hfs():
-    from transformers.generation.logits_process import MinPLogitsWarper
-
-    from promptbake.generate import min_p_filter
-
-    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
-    for p in (0.05, 0.1, 0.3, 0.9):
-        assert torch.equal(min_p_filter(scores, p), MinPLogitsWarper(p)(None, scores.clone()))
-    assert torch.equal(min_p_filter(scores, 0.0), scores)
-
-
-def test_draws_follow_the_distribution():
-    """Temperature and top-p as HF applies them, one draw per row by the inverse CDF: frequencies over many rows
-    match the probabilities, and tokens top-p dropped never come."""
-    from promptbake.generate import _next_tokens, min_p_filter, top_p_filter
-
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(40_000, 1)
-    torch.manual_seed(0)
-    for temperature, top_p, min_p in [(1.0, 1.0, 0.0), (0.7, 1.0, 0.0), (1.0, 0.8, 0.0), (2.0, 1.0, 0.1)]:
-        want = min_p_filter(top_p_filter(logits[:1] / temperature, top_p), min_p).softmax(-1)[0]
-        got = torch.bincount(_next_tokens(logits, temperature, top_p, min_p), minlength=5) / len(logits)
-        assert (got - want).abs().max() < 0.01, (temperature, top_p, got, want)
-        assert got[want == 0].sum() == 0
-    assert _next_tokens(logits[:2], 0.0, 1.0).tolist() == [0, 0]
-
-
-def test_decode_loop_matches_hf_generate(tiny_model_dir, tokenizer, monkeypatch):
-    """Our decode loop (ended rows leave the batch, keys and values written into room) against HF generate, greedy, on
-    prompts of different lengths whose answers end at different steps: the same tokens, end flags and top-K."""
-    import promptbake.generate as gen
-    from promptbake.model import load_model
-
-    model = load_model(tiny_model_dir, "cpu")
-    prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19], [1, 20], [1, 21, 22, 23]]
-    kw = dict(temperature=0, max_new_tokens=12, keep_topk=5)
-    free = gen._generate_hf(model, tokenizer, prompts, **kw)
-    stops = sorted({free[0][0][2], free[1][0][6], free[3][0][4]})  # tokens the answers meet along the way
-    monkeypatch.setattr(gen, "stop_ids", lambda tok, m=None: stops)
-    ours, hf = gen._generate(model, tokenizer, prompts, **kw), gen._generate_hf(model, tokenizer, prompts, **kw)
-    assert len({len(ids) for ids, _, _ in ours}) > 1 and any(c for _, c, _ in ours), "rows must end at different steps"
-    for (ids_a, done_a, (k_a, lp_a)), (ids_b, done_b, (k_b, lp_b)) in zip(ours, hf):
-        assert ids_a == ids_b and done_a == done_b and torch.equal(k_a, k_b)
-        torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(sampling, "_generate", fake_generate)
+    monkeypatch.setattr(sampling, "render_prompt_ids", lambda tok, ctx, system: [len(ctx[-1]["content"]), system])
+    monkeypatch.setattr(gen, "decode_response", lambda tok, ids: f"q{ids[0]}")
+    backend = gen.local_backend(make_cfg(gen_batch_size=2), "sys", model=object(), tokenizer=None, model_id="m")
+    requests = [[{"role": "user", "content": "x" * n}] for n in (3, 1, 2, 5, 4)]
+    assert backend.ask_many(requests, [10, 11, 12, 13, 14]) == ["q3", "q1", "q2", "q5", "q4"]
+    assert calls == [([3, 1], 10, gen.WRITER_TEMPERATURE, gen.QUERY_MAX_TOKENS),
+                     ([2, 5], 12, gen.WRITER_TEMPERATURE, gen.QUERY_MAX_TOKENS),
+                     ([4], 14, gen.WRITER_TEMPERATURE, gen.QUERY_MAX_TOKENS)]
 
 
 def test_queries_in_any_script_stay_distinct(workdir, tiny_model_dir):

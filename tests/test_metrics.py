@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from promptbake.metrics import is_loop, mean_interval, prompt_llr, rate, wilson
+from promptbake.metrics import is_loop, kl_cut, kl_ratio, mean_interval, prompt_llr, rate, wilson
 
 # Real answers of the embedded model (experiments/results, benchmarks/levers_results.json)
 LOOPS = [
@@ -91,3 +91,15 @@ def test_prompt_llr_is_the_mean_token_log_ratio():
     assert got[2] is None  # an empty answer has no tokens to score
     same = [SimpleNamespace(teacher_ids=query + a, student_ids=query + a, n_response=len(a)) for a in answers[:2]]
     assert prompt_llr(model, same, pad_id=0) == pytest.approx([0.0, 0.0], abs=1e-5)
+
+
+def test_kl_cut_and_ratio():
+    """The one KL-cut formula (eval.json's kl_ratio, report.html, history, levers): the share of the KL baking
+    removed; None when a number is missing or the base already matched the teacher."""
+    assert kl_ratio(0.5, 0.1) == pytest.approx(0.2) and kl_cut(0.5, 0.1) == pytest.approx(0.8)
+    assert kl_cut(0.4, 0.6) == pytest.approx(-0.5)  # baking made it worse: a negative cut, not hidden
+    assert kl_cut(0.5, 0.0) == 1.0
+    for before, after in [(None, 0.1), (0.5, None), (None, None), (0.0, 0.1), (0.0, 0.0)]:
+        assert kl_ratio(before, after) is None and kl_cut(before, after) is None
+    before, after = 0.6123, 0.0712  # exactly the old `1 - after / before`: the printed and stored figures are unchanged
+    assert kl_cut(before, after) == 1 - after / before and kl_ratio(before, after) == after / before

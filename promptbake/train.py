@@ -356,8 +356,9 @@ class Trainer:
 def prepare(cfg, run_dir: Path) -> Trainer:
     """Loads the model, checks every input and builds the teacher caches. Writes nothing under run_dir."""
     t0 = time.time()
-    base, tokenizer, model_path, device, lineage = load_start(cfg)
-    if fsdp.will_shard(cfg):  # the adapter first, then the shards: the teacher pass below runs sharded
+    sharded = fsdp.will_shard(cfg)
+    base, tokenizer, model_path, device, lineage = load_start(cfg, place=not sharded)
+    if sharded:  # the adapter first, then the shards: the teacher pass below runs sharded
         base = fsdp.shard(add_adapter(base, cfg), device)
     timings = {"model_load_s": time.time() - t0}
     print(f"model: {model_path} on {device}")

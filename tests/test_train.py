@@ -204,6 +204,40 @@ def test_prompts_only_data_is_answered_by_the_local_teacher_first(workdir, tiny_
     assert read_bake_config(final)["targets"][0]["data"].endswith("default.answered.jsonl")
 
 
+def test_the_caller_hands_the_model_placement_in(monkeypatch):
+    """model.py knows nothing of FSDP: the bake passes place=False when FSDP will shard the model."""
+    import ast
+    import inspect
+
+    from promptbake import baked, fsdp
+    from promptbake import model as models
+
+    imported = {a.name for node in ast.walk(ast.parse(inspect.getsource(models)))
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert "fsdp" not in imported
+    placed = []
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a: "tok")
+    monkeypatch.setattr(models, "load_model", lambda path, device, trust, place=True: placed.append(place))
+    cfg = make_cfg(model_name_or_path="any/model")
+    baked.load_start(cfg)
+    baked.load_start(cfg, place=False)
+    assert placed == [True, False]
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, place=True):
+        placed.append(place)
+        raise Stop
+
+    monkeypatch.setattr(train, "load_start", stop)
+    for shard in (False, True):
+        monkeypatch.setattr(fsdp, "will_shard", lambda cfg, shard=shard: shard)
+        with pytest.raises(Stop):
+            train.prepare(cfg, None)
+    assert placed[2:] == [True, False]
+
+
 def test_strength_zero_is_exactly_the_base_model(workdir, tiny_model_dir):
     write_data(workdir / "data" / "default.jsonl")
     final = train.bake(cfg_for(tiny_model_dir, num_epochs=1))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import promptbake.config as config_module
-import promptbake.train as train_module
+import promptbake.stages as stages
 from promptbake.chat import render_prompt_ids
 from promptbake.checks import front_matter_checks
 from promptbake.data import Row, load_prompts, read_prompt
@@ -115,7 +115,7 @@ def run_bake(persona: str, spec: str, workdir: Path) -> tuple[Path, dict]:
     for k, v in typed_onpolicy(onpolicy).items():
         setattr(cfg, k, v)
     t0 = time.time()
-    final = train_module.bake(cfg)
+    final = stages.bake(cfg)  # the whole bake, report.html too, as bake.py runs it
     bake_s = time.time() - t0
     timings = json.loads((final.parent / "timings.json").read_text())
     return final, {"generate_s": gen_s, "bake_s": bake_s, "total_s": gen_s + bake_s, "bake_timings": timings}

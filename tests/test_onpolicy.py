@@ -54,10 +54,27 @@ def test_query_stream_draws_targets_by_weight():
     assert 0.68 < sum(picks) / 400 < 0.82
 
 
-def test_settings_come_from_config_fields_when_present():
-    s = onpolicy.settings_from(SimpleNamespace(top_k=20, onpolicy_steps=5, onpolicy_beta=0.5))
+def test_settings_come_from_config_fields():
+    s = onpolicy.settings_from(make_cfg(top_k=20, onpolicy_steps=5, onpolicy_beta=0.5))
     assert (s.steps, s.beta, s.top_k, s.batch_size) == (5, 0.5, 20, 8)
-    assert onpolicy.settings_from(make_cfg()).steps == 0  # a Config without the fields: stage off
+    assert onpolicy.settings_from(make_cfg(onpolicy_top_k=4)).top_k == 4
+    assert onpolicy.settings_from(make_cfg()).steps == 0  # the default Config: stage off
+
+
+def test_every_onpolicy_config_field_reaches_the_stage():
+    """The on-policy settings are defined once, as the Config's onpolicy_<name> fields: each one, set away from
+    its default, arrives as the stage's <name>, with the Config's default when unset."""
+    from dataclasses import fields
+
+    from promptbake.config import Config, from_dict
+
+    config_fields = {f.name: f.default for f in fields(Config) if f.name.startswith("onpolicy_")}
+    assert len(config_fields) >= 8
+    assert {f.name: f.default for f in fields(onpolicy.OnPolicySettings)} == {
+        k.removeprefix("onpolicy_"): v for k, v in config_fields.items()}
+    moved = {k: type(v)(v / 2) if v else 3 for k, v in config_fields.items()}  # in every field's range
+    s = onpolicy.settings_from(from_dict(moved, "test"))
+    assert {k: getattr(s, k.removeprefix("onpolicy_")) for k in moved} == moved
 
 
 def test_rollouts_share_the_sampled_answer_and_only_the_teacher_sees_the_prompt(peft_model, tokenizer):

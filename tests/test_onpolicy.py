@@ -184,3 +184,27 @@ def test_bake_runs_the_stage_after_the_offpolicy_epochs(workdir, tiny_model_dir)
     offpolicy = [r["step"] for r in rows if "train/kl" in r]
     assert [r["step"] for r in rows if "onpolicy/divergence" in r] == [max(offpolicy) + i for i in (1, 2, 3)]
     assert read_json(final.parent / "timings.json")["onpolicy_s"] > 0
+
+
+def test_the_schedule_is_transformers_linear_warmup_a_step_earlier():
+    """Why the stage keeps schedule.warmup_then_decay rather than transformers' get_linear_schedule_with_warmup:
+    the same decay, but theirs gives the first step a learning rate of 0, so the stage's default warmup of one step
+    would train nothing at its first step. With no warmup the two are equal."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from promptbake.schedule import warmup_then_decay
+
+    def rates(make, warmup, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, out = make(opt, warmup, total), []
+        for _ in range(total):
+            out.append(schedule.get_last_lr()[0])
+            opt.step()
+            schedule.step()
+        return out
+
+    for warmup, total in ((1, 5), (3, 10), (0, 4)):
+        ours, theirs = rates(warmup_then_decay, warmup, total), rates(get_linear_schedule_with_warmup, warmup, total)
+        assert ours[warmup:] == pytest.approx(theirs[warmup:])  # the decay: the same
+        assert ours[:warmup] == pytest.approx(theirs[1:warmup + 1])  # the warmup: theirs one step later...
+        assert theirs[0] == (0.0 if warmup else 1.0)  # ...from 0 at the first step

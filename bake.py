@@ -21,7 +21,7 @@ def main():
     quiet_unless_main()  # under torchrun / accelerate launch, rank 0 alone prints
     cfg, _ = parse_args()
     print("config:", to_dict(cfg))
-    from promptbake.train import bake  # torch and transformers load after the settings pass: a bad one fails fast
+    from promptbake.stages import bake  # torch and transformers load after the settings pass: a bad one fails fast
 
     bake(cfg)
 

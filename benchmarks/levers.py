@@ -5,9 +5,9 @@ apart from the training queries (examples/unseen_questions.txt).
     python benchmarks/levers.py --checks bf16,free_logits      # numerics and speed of two speed levers
     python benchmarks/levers.py --table                         # the table of every result so far
 
-A lever is a comma list of settings: any Config field (lists with "/": temperatures=0.7/1.0/1.3), the
-on-policy stage's onpolicy_<field> (promptbake/onpolicy.py); bf16=on|off is the Config field (the student's
-matmuls under bf16 autocast; default auto).
+A lever is a comma list of settings: any Config field (lists with "/": temperatures=0.7/1.0/1.3), the on-policy
+stage's onpolicy_<field> among them; bf16=on|off is the Config field (the student's matmuls under bf16 autocast;
+default auto).
 For each lever: held-out full-vocabulary KL(prompted base || baked, no prompt) on the prompted base's sampled
 answers (2 per question, T=0.7), its cut from the unbaked base, top-1 agreement, the persona rate of greedy and
 sampled answers without the prompt, and the wall time of generation + bake. Data and teacher caches are
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import promptbake.config as config_module
-import promptbake.train as train_module
+import promptbake.stages as stages
 from promptbake.chat import render_prompt_ids
 from promptbake.checks import front_matter_checks
 from promptbake.data import Row, load_prompts, read_prompt
@@ -67,23 +67,6 @@ def parse_lever(spec: str) -> dict:
     return out
 
 
-def split_lever(lever: dict) -> tuple[dict, dict]:
-    """(Config fields, on-policy fields) of a lever; Config fields are typed by config.from_dict."""
-    onpolicy = {k: v for k, v in lever.items() if k.startswith("onpolicy_")}
-    return {k: v for k, v in lever.items() if k not in onpolicy}, onpolicy
-
-
-def typed_onpolicy(values: dict) -> dict:
-    from promptbake.onpolicy import OnPolicySettings
-
-    defaults = OnPolicySettings()
-    out = {}
-    for k, v in values.items():
-        kind = type(getattr(defaults, k.removeprefix("onpolicy_")))
-        out[k] = (v.lower() in ("1", "true", "yes")) if kind is bool else kind(v)
-    return out
-
-
 def short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -106,17 +89,15 @@ def make_data(persona: str, fields: dict, workdir: Path) -> tuple[str, float]:
 
 
 def run_bake(persona: str, spec: str, workdir: Path) -> tuple[Path, dict]:
-    fields, onpolicy = split_lever(parse_lever(spec))
+    fields = parse_lever(spec)
     name, gen_s = make_data(persona, fields, workdir)
     train_fields = {k: v for k, v in fields.items() if k not in DATA_KEYS}
     cfg = config_module.from_dict({**train_fields, "name": name, "data_dir": str(workdir / "data"),
                                    "checkpoint_dir": str(workdir / "checkpoints" / short_hash([persona, spec])),
                                    "prompt_file": PERSONAS[persona]["prompt_file"], "wandb_mode": "disabled",
                                    "verify_queries": 0}, "lever")
-    for k, v in typed_onpolicy(onpolicy).items():
-        setattr(cfg, k, v)
     t0 = time.time()
-    final = train_module.bake(cfg)
+    final = stages.bake(cfg)  # the whole bake, report.html too, as bake.py runs it
     bake_s = time.time() - t0
     timings = json.loads((final.parent / "timings.json").read_text())
     return final, {"generate_s": gen_s, "bake_s": bake_s, "total_s": gen_s + bake_s, "bake_timings": timings}

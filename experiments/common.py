@@ -23,7 +23,7 @@ from promptbake.data import load_prompts
 from promptbake.generate import generate
 from promptbake.io import atomic_write_bytes, read_json, write_json
 from promptbake.lineage import BAKE_CONFIG
-from promptbake.train import bake
+from promptbake.stages import bake
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 # Imported on first use (PEP 562), not here: `import promptbake.config` must not pay for torch, transformers
 # and peft (seconds), so that a bad setting prints its one line at once.
-_EXPORTS = {"Config": "config", "apply_env_defaults": "config", "generate": "generate", "bake": "train",
+_EXPORTS = {"Config": "config", "apply_env_defaults": "config", "generate": "generate", "bake": "stages",
             "load_baked": "baked", "evaluate": "evaluate"}
 
 __all__ = ["Config", "apply_env_defaults", "generate", "bake", "load_baked", "evaluate"]

@@ -119,11 +119,12 @@ def teacher_system(cfg, prompt_file: str) -> str:
     return "\n\n".join(dict.fromkeys([*earlier, new]))  # a prompt baked again (Prompt Pursuit) is read once
 
 
-def load_start(cfg):
+def load_start(cfg, place: bool = True):
     """The model a bake or a generation starts from: the base model, or with --init_from the parent
     checkpoint's whole chain merged in (its teacher is that model with the new prompt).
-    Returns (model, tokenizer, model identity, device, lineage); the identity names the chain too."""
-    model, tokenizer, path, device = models.load(cfg)
+    Returns (model, tokenizer, model identity, device, lineage); the identity names the chain too.
+    place=False leaves the model in CPU memory (models.load_model): for FSDP, which places the shards itself."""
+    model, tokenizer, path, device = models.load(cfg, place)
     if not cfg.init_from:
         return model, tokenizer, model_identity(path, []), device, []
     parent = Path(cfg.init_from)

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fsdp
 from .errors import UserError
 
 EMBEDDED = "embedded"
@@ -132,10 +131,11 @@ def _load_error(path: str, e: Exception) -> UserError:
         f"/path/to/folder, or use the default --model_name_or_path embedded. ({str(e).splitlines()[0]})")
 
 
-def load(cfg):
-    """Returns (model, tokenizer, resolved path, device) for a Config."""
+def load(cfg, place: bool = True):
+    """Returns (model, tokenizer, resolved path, device) for a Config. place=False: see load_model (the bake
+    passes it when FSDP will shard the model)."""
     device = pick_device(cfg.device)  # a device this machine lacks: refused before a conversion or a load
     path = resolve_model_path(cfg.model_name_or_path, cfg.model_cache_dir)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    model = load_model(path, device, cfg.trust_remote_code, place=not fsdp.will_shard(cfg))
+    model = load_model(path, device, cfg.trust_remote_code, place=place)
     return model, tokenizer, path, device

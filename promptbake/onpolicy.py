@@ -17,37 +17,35 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import orjson
 import torch
 
 from .chat import render_prompt_ids
+from .config import Config
 from .forward import backbone_and_head, response_hidden, token_pieces
 from .loss import head_topk_divergence, teacher_topk
 from .precision import autocast, head_dtype
 from .sampling import generate_ids
 from .schedule import warmup_then_decay
 
+PREFIX = "onpolicy_"
 
-@dataclass
-class OnPolicySettings:
-    """Read from the Config's `onpolicy_<name>` fields when it has them (see settings_from)."""
-    steps: int = 0  # optimizer steps of the stage; 0 = off
-    batch_size: int = 8  # queries the student answers per step (one answer each)
-    learning_rate: float = 5e-4
-    warmup_steps: int = 1
-    temperature: float = 1.0  # the student's sampling temperature
-    max_new_tokens: int = 64
-    beta: float = 1.0  # 1 = reverse KL, 0 = forward KL, between = generalised JSD
-    top_k: int = 0  # teacher ids kept per position; 0 = the Config's top_k
+
+def _settings_class():
+    """The stage's settings: the Config's `onpolicy_<name>` fields as `<name>`, with their defaults. They are
+    defined once, in config.py (with their ranges and the command line): a new one reaches the stage by itself."""
+    return make_dataclass("OnPolicySettings", [(f.name.removeprefix(PREFIX), f.type, field(default=f.default))
+                                               for f in fields(Config) if f.name.startswith(PREFIX)])
+
+
+OnPolicySettings = _settings_class()
 
 
 def settings_from(cfg) -> OnPolicySettings:
-    s = OnPolicySettings()
-    for f in fields(OnPolicySettings):
-        if hasattr(cfg, f"onpolicy_{f.name}"):
-            setattr(s, f.name, type(getattr(s, f.name))(getattr(cfg, f"onpolicy_{f.name}")))
+    """The stage's settings of a Config; top_k 0 means the Config's top_k."""
+    s = OnPolicySettings(**{f.name: getattr(cfg, PREFIX + f.name) for f in fields(OnPolicySettings)})
     s.top_k = s.top_k or cfg.top_k
     return s
 

@@ -25,8 +25,9 @@ from .io import read_json, reading, sha256_text, write_json
 from .lineage import BAKE_CONFIG, stored_path
 from .metrics import headline_rate, kl_and_agreement, mean_interval
 from .report import try_write_report
+from .stages import bake
 from .teacher import build_examples
-from .train import bake, target_specs
+from .train import target_specs
 
 
 def iteration_name(cfg, i: int) -> str:

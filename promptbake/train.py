@@ -7,7 +7,6 @@ train_step() with an evaluation at each epoch end, then finish(). Each phase is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -32,7 +31,7 @@ from .distributed import SINGLE, World
 from .errors import UserError
 from .forward import backbone_and_head, frozen_linears_as, response_hidden, token_pieces
 from .freelogits import free_teacher
-from .generate import check_data_dir, generate
+from .generate import check_data_dir
 from .io import atomic_write_bytes, folder_written_atomically, read_json, sha256_file, sha256_text, write_json
 from .lineage import HELD_OUT
 from .locks import run_lock
@@ -40,7 +39,6 @@ from .loss import head_topk_kl_with_tail
 from .metrics import kl_and_agreement
 from .model import pick_device
 from .onpolicy import onpolicy_stage
-from .report import try_write_report
 from .sampling import answer_in_batches, decode_response
 from .schedule import warmup_then_decay
 from .teacher import Example, TeacherTopK, build_examples, cache_complete, cache_key, check_alignment, teacher_cache
@@ -97,23 +95,24 @@ def target_specs(cfg) -> list[dict]:
     return out
 
 
-def _answered_rows(cfg, spec, model, tokenizer, model_path: str):
-    """The target's rows; prompts-only data is first answered by the local teacher (same code as generate_data)."""
+def is_prompts_only(rows) -> bool:
+    """Data with no assistant turn at all: the local teacher answers it before a bake (promptbake/stages.py)."""
+    return all(r.response is None for r in rows)
+
+
+def check_answered(spec: dict) -> None:
+    """The bake trains on paired rows only; prompts-only data is answered first by the caller (stages.bake, which
+    bake.py runs), or by `generate_data.py --prompts` under several processes."""
     rows = spec["rows"]
-    if all(r.response is not None for r in rows):
-        return rows, spec["data"]
-    if distributed.world().enabled:
-        raise UserError(f"{spec['data']} holds prompts only; with several processes, answer them first with "
-                        f"`python generate_data.py --prompts {spec['data']}` (one process), then bake")
-    if any(r.response is not None for r in rows):
-        bad = next(r for r in rows if r.response is None)
+    if is_prompts_only(rows):
+        how = ("with several processes, answer them first with" if distributed.world().enabled else
+               "answer them first (bake.py and promptbake.bake do), or with")
+        raise UserError(f"{spec['data']} holds prompts only; {how} `python generate_data.py --prompts {spec['data']}` "
+                        f"(one process), then bake")
+    bad = next((r for r in rows if r.response is None), None)
+    if bad is not None:
         raise UserError(f"{spec['data']}:{bad.line}: the row has no assistant turn, but others do; paired data "
                         f"needs one in every row")
-    print(f"{spec['data']} holds prompts only: the local teacher answers them first")
-    gen_cfg = dataclasses.replace(cfg, prompts=spec["data"], prompt_file=spec["prompt_file"], training_prompts=[],
-                      generate_queries=0, backend="local", name=f"{Path(spec['data']).stem}.answered")
-    out = generate(gen_cfg, model, tokenizer, model_path)
-    return load_rows(str(out)), str(out)
 
 
 def held_out_score(group: str, seed: int) -> float:
@@ -142,7 +141,7 @@ def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple
 def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target:
     """Tokenizes one target's rows, loads or builds its teacher cache, and checks the alignment."""
     system, own = teacher_system(cfg, spec["prompt_file"]), read_prompt(spec["prompt_file"])
-    rows, data_file = _answered_rows(cfg, spec, model, tokenizer, model_path)
+    rows, data_file = spec["rows"], spec["data_file"]
     meta_path = Path(data_file).parent / (Path(data_file).name.removesuffix(".jsonl") + ".meta.json")
     meta = read_json(meta_path) if meta_path.exists() else {}
     settings = meta.get("settings", {}) if isinstance(meta, dict) else {}
@@ -174,16 +173,31 @@ def prepare_target(cfg, spec: dict, model, tokenizer, model_path: str) -> Target
                   [c.as_dict() for c in load_checks(cfg, spec)])
 
 
-def check_inputs(cfg, tokenizer) -> list[dict]:
-    """Every input a bake reads, checked before anything on disk is touched."""
-    check_data_dir(cfg.data_dir)
+def check_top_k(cfg, tokenizer) -> None:
     if cfg.top_k > len(tokenizer):
         raise UserError(f"`top_k` is {cfg.top_k}, over the vocabulary of {len(tokenizer)} tokens; lower --top_k")
+
+
+def read_targets(cfg) -> list[dict]:
+    """target_specs with each target's rows: its prompt, checks and data read (a mistake refused here). The rows
+    come from spec["data_file"]: the data file, or the file of its answers when stages.bake answered it."""
     specs = target_specs(cfg)
     for spec in specs:
         read_prompt(spec["prompt_file"])
         load_checks(cfg, spec)  # a mistake in the checks stops the bake before it starts, not at evaluate
+        spec["data_file"] = spec["data"]
         spec["rows"] = load_rows(spec["data"], strip_system=cfg.strip_system)
+    return specs
+
+
+def check_inputs(cfg, tokenizer, specs: list[dict] | None = None) -> list[dict]:
+    """Every input a bake reads, checked before anything on disk is touched. `specs`: read_targets' answer, when
+    the caller has read the targets already."""
+    check_data_dir(cfg.data_dir)
+    check_top_k(cfg, tokenizer)
+    specs = read_targets(cfg) if specs is None else specs
+    for spec in specs:
+        check_answered(spec)
     return specs
 
 
@@ -353,15 +367,16 @@ class Trainer:
         return CPU_MAX_BATCH_TOKENS if self.device == "cpu" else 0
 
 
-def prepare(cfg, run_dir: Path) -> Trainer:
+def prepare(cfg, run_dir: Path, specs: list[dict] | None = None) -> Trainer:
     """Loads the model, checks every input and builds the teacher caches. Writes nothing under run_dir."""
     t0 = time.time()
-    base, tokenizer, model_path, device, lineage = load_start(cfg)
-    if fsdp.will_shard(cfg):  # the adapter first, then the shards: the teacher pass below runs sharded
+    sharded = fsdp.will_shard(cfg)
+    base, tokenizer, model_path, device, lineage = load_start(cfg, place=not sharded)
+    if sharded:  # the adapter first, then the shards: the teacher pass below runs sharded
         base = fsdp.shard(add_adapter(base, cfg), device)
     timings = {"model_load_s": time.time() - t0}
     print(f"model: {model_path} on {device}")
-    specs = check_inputs(cfg, tokenizer)
+    specs = check_inputs(cfg, tokenizer, specs)
     t0 = time.time()
     targets = [prepare_target(cfg, spec, base, tokenizer, model_path) for spec in specs]
     timings["teacher_cache_s"] = time.time() - t0
@@ -536,13 +551,22 @@ class NullLogger:
         return []
 
 
-def bake(cfg) -> Path:
-    """Trains checkpoints/<name>/final from the data; returns its path. Under torchrun / accelerate launch every rank
-    calls it: they train together, rank 0 writes (see promptbake/distributed.py)."""
-    t_start = time.time()
+def checked_settings(cfg):
+    """The settings a bake refuses before any work (stages.bake checks them before it answers prompts-only data
+    too); returns cfg with --init_from's base model (baked.with_parent_model)."""
     cfg = with_parent_model(cfg)
     check_parent_outside_run(cfg)
     fsdp.check(cfg)
+    return cfg
+
+
+def bake(cfg, specs: list[dict] | None = None) -> Path:
+    """Trains checkpoints/<name>/final from paired data; returns its path. Under torchrun / accelerate launch every
+    rank calls it: they train together, rank 0 writes (see promptbake/distributed.py). The training stage alone:
+    answering prompts-only data before it and the report after it are the caller's (promptbake/stages.py, which
+    bake.py runs); `specs`: the targets as the caller read and answered them (read_targets), else read here."""
+    t_start = time.time()
+    cfg = checked_settings(cfg)
     world = distributed.setup(pick_device(cfg.device), cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -553,7 +577,7 @@ def bake(cfg) -> Path:
         resume_from = distributed.broadcast_object(last_step_checkpoint(run_dir) if cfg.resume and world.main else None)
         if cfg.resume and resume_from is None:
             print(f"--resume: no step checkpoint in {run_dir}; starting fresh")
-        tr = prepare(cfg, run_dir)
+        tr = prepare(cfg, run_dir, specs)
         build_optimizer(tr)
         if resume_from is not None:
             restore(tr, resume_from)
@@ -592,7 +616,6 @@ def bake(cfg) -> Path:
     if not world.main:
         return final
     print(f"saved {final} in {tr.timings['total_s']:.0f}s")
-    try_write_report(final)  # after the save: a report that fails only warns
     return final
 
 

@@ -59,10 +59,10 @@ def test_unknown_role(tmp_path):
 
 def test_paired_mode_needs_assistant(tmp_path):
     f = write_lines(tmp_path / "d.jsonl", [pair(), {"messages": [{"role": "user", "content": "q"}]}])
-    from promptbake.train import _answered_rows
+    from promptbake.train import check_answered
 
     with pytest.raises(UserError, match=r"d.jsonl:2: the row has no assistant turn, but others do"):
-        _answered_rows(None, {"rows": load_rows(f), "data": str(f)}, None, None, "")
+        check_answered({"rows": load_rows(f), "data": str(f)})
 
 
 def test_multi_turn_trains_only_last_assistant(tmp_path):

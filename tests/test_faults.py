@@ -163,7 +163,7 @@ def test_sentinel_key_never_reaches_artifacts(workdir, tiny_model_dir, monkeypat
     for var in ("OPENAI_API_KEY", "OPENROUTER_API_KEY", "WANDB_API_KEY"):
         monkeypatch.setenv(var, SENTINEL)
     from promptbake.generate import generate
-    from promptbake.train import bake
+    from promptbake.stages import bake  # as bake.py runs it: report.html is checked too
 
     cfg = make_cfg(model_name_or_path=tiny_model_dir, num_queries=6, temperatures=[0.7], max_new_tokens=8,
                    num_epochs=1, batch_size=2, eval_fraction=0.34, wandb_mode="offline", top_k=4)

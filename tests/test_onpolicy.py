@@ -54,10 +54,27 @@ def test_query_stream_draws_targets_by_weight():
     assert 0.68 < sum(picks) / 400 < 0.82
 
 
-def test_settings_come_from_config_fields_when_present():
-    s = onpolicy.settings_from(SimpleNamespace(top_k=20, onpolicy_steps=5, onpolicy_beta=0.5))
+def test_settings_come_from_config_fields():
+    s = onpolicy.settings_from(make_cfg(top_k=20, onpolicy_steps=5, onpolicy_beta=0.5))
     assert (s.steps, s.beta, s.top_k, s.batch_size) == (5, 0.5, 20, 8)
-    assert onpolicy.settings_from(make_cfg()).steps == 0  # a Config without the fields: stage off
+    assert onpolicy.settings_from(make_cfg(onpolicy_top_k=4)).top_k == 4
+    assert onpolicy.settings_from(make_cfg()).steps == 0  # the default Config: stage off
+
+
+def test_every_onpolicy_config_field_reaches_the_stage():
+    """The on-policy settings are defined once, as the Config's onpolicy_<name> fields: each one, set away from
+    its default, arrives as the stage's <name>, with the Config's default when unset."""
+    from dataclasses import fields
+
+    from promptbake.config import Config, from_dict
+
+    config_fields = {f.name: f.default for f in fields(Config) if f.name.startswith("onpolicy_")}
+    assert len(config_fields) >= 8
+    assert {f.name: f.default for f in fields(onpolicy.OnPolicySettings)} == {
+        k.removeprefix("onpolicy_"): v for k, v in config_fields.items()}
+    moved = {k: type(v)(v / 2) if v else 3 for k, v in config_fields.items()}  # in every field's range
+    s = onpolicy.settings_from(from_dict(moved, "test"))
+    assert {k: getattr(s, k.removeprefix("onpolicy_")) for k in moved} == moved
 
 
 def test_rollouts_share_the_sampled_answer_and_only_the_teacher_sees_the_prompt(peft_model, tokenizer):
@@ -167,3 +184,27 @@ def test_bake_runs_the_stage_after_the_offpolicy_epochs(workdir, tiny_model_dir)
     offpolicy = [r["step"] for r in rows if "train/kl" in r]
     assert [r["step"] for r in rows if "onpolicy/divergence" in r] == [max(offpolicy) + i for i in (1, 2, 3)]
     assert read_json(final.parent / "timings.json")["onpolicy_s"] > 0
+
+
+def test_the_schedule_is_transformers_linear_warmup_a_step_earlier():
+    """Why the stage keeps schedule.warmup_then_decay rather than transformers' get_linear_schedule_with_warmup:
+    the same decay, but theirs gives the first step a learning rate of 0, so the stage's default warmup of one step
+    would train nothing at its first step. With no warmup the two are equal."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from promptbake.schedule import warmup_then_decay
+
+    def rates(make, warmup, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, out = make(opt, warmup, total), []
+        for _ in range(total):
+            out.append(schedule.get_last_lr()[0])
+            opt.step()
+            schedule.step()
+        return out
+
+    for warmup, total in ((1, 5), (3, 10), (0, 4)):
+        ours, theirs = rates(warmup_then_decay, warmup, total), rates(get_linear_schedule_with_warmup, warmup, total)
+        assert ours[warmup:] == pytest.approx(theirs[warmup:])  # the decay: the same
+        assert ours[:warmup] == pytest.approx(theirs[1:warmup + 1])  # the warmup: theirs one step later...
+        assert theirs[0] == (0.0 if warmup else 1.0)  # ...from 0 at the first step

@@ -284,12 +284,12 @@ def test_bake_writes_it_evaluate_refreshes_it_and_a_failure_never_loses_the_bake
                                                                                 monkeypatch):
     from test_train import cfg_for, write_data
 
-    from promptbake import train
+    from promptbake import stages
     from promptbake.evaluate import evaluate
 
     write_data(workdir / "data" / "default.jsonl")
     cfg = cfg_for(tiny_model_dir, num_epochs=1, eval_max_new_tokens=6, marker_regex=r"\barr\b")
-    final = train.bake(cfg)
+    final = stages.bake(cfg)  # the bake as bake.py runs it: the report is written after train.bake
     page = workdir / "checkpoints" / "default" / "report.html"
     assert "Not evaluated yet" in page.read_text() and len(Page(page.read_text()).images()) == 1
     evaluate(cfg, str(final), strengths=[0.0, 1.0], samples=1)
@@ -298,7 +298,7 @@ def test_bake_writes_it_evaluate_refreshes_it_and_a_failure_never_loses_the_bake
     assert "wrote checkpoints/default/report.html" in capsys.readouterr().out
 
     monkeypatch.setattr(report, "render", lambda ctx: 1 / 0)
-    final = train.bake(cfg)  # the earlier run, report and all, is moved aside
+    final = stages.bake(cfg)  # the earlier run, report and all, is moved aside
     assert (final / "adapter_model.safetensors").exists() and not page.exists()
     assert "warning: report.html not written" in capsys.readouterr().out
 

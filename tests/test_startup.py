@@ -24,7 +24,7 @@ def test_package_exports_resolve_on_first_use():
     assert loaded_after("import promptbake; assert 'Config' in dir(promptbake)") == []
     assert loaded_after("from promptbake import Config; Config()") == []
     import promptbake
-    from promptbake.train import bake
+    from promptbake.stages import bake  # the bake as bake.py runs it: answers prompts-only data, writes the report
 
     assert promptbake.bake is bake
 

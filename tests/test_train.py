@@ -7,7 +7,7 @@ import torch
 from conftest import make_cfg
 from safetensors.torch import load_file
 
-from promptbake import train
+from promptbake import stages, train
 from promptbake.baked import load_baked, read_bake_config
 from promptbake.errors import UserError
 from promptbake.io import read_jsonl
@@ -193,15 +193,70 @@ def test_load_baked_refuses_wrong_folders(workdir, tiny_model_dir, embedded_dir)
     assert info["config"]["model_name_or_path"] == tiny_model_dir
 
 
+def write_prompts_only(path):
+    path.write_text("".join(orjson.dumps({"messages": [{"role": "user", "content": q}]}).decode() + "\n" for q, _ in QA))
+
+
 def test_prompts_only_data_is_answered_by_the_local_teacher_first(workdir, tiny_model_dir, capsys):
-    (workdir / "data" / "default.jsonl").write_text("".join(
-        orjson.dumps({"messages": [{"role": "user", "content": q}]}).decode() + "\n" for q, _ in QA))
-    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1, max_new_tokens=8, temperatures=[0.7], samples_per_query=1,
-                               drop_loops=False))
-    assert "holds prompts only: the local teacher answers them first" in capsys.readouterr().out
+    write_prompts_only(workdir / "data" / "default.jsonl")
+    final = stages.bake(cfg_for(tiny_model_dir, num_epochs=1, max_new_tokens=8, temperatures=[0.7],
+                                samples_per_query=1, drop_loops=False))  # what bake.py runs
+    out = capsys.readouterr().out
+    assert "holds prompts only: the local teacher answers them first" in out
     answered = [r for _, r in read_jsonl(workdir / "data" / "default.answered.jsonl")]
     assert len(answered) == len(QA) and all(r["messages"][-1]["role"] == "assistant" for r in answered)
-    assert read_bake_config(final)["targets"][0]["data"].endswith("default.answered.jsonl")
+    info = read_bake_config(final)
+    assert info["targets"][0]["data"].endswith("default.answered.jsonl") and info["targets"][0]["name"] == "default"
+    assert (final.parent / "report.html").exists() and "wrote " in out
+
+
+def test_train_bake_is_the_training_stage_alone(workdir, tiny_model_dir, capsys):
+    """train.bake neither answers prompts-only data nor writes the report: the callers run those stages
+    (promptbake/stages.py, which bake.py, pursuit, the experiments and the levers benchmark use)."""
+    assert not hasattr(train, "generate") and not hasattr(train, "try_write_report")
+    write_prompts_only(workdir / "data" / "default.jsonl")
+    with pytest.raises(UserError, match=r"default.jsonl holds prompts only; answer them first \(bake.py and "
+                                        r"promptbake.bake do\), or with `python generate_data.py --prompts"):
+        train.bake(cfg_for(tiny_model_dir, num_epochs=1))
+    assert not (workdir / "data" / "default.answered.jsonl").exists()
+    write_data(workdir / "data" / "default.jsonl")
+    final = train.bake(cfg_for(tiny_model_dir, num_epochs=1))
+    assert (final / "adapter_model.safetensors").exists() and not (final.parent / "report.html").exists()
+    assert "report.html" not in capsys.readouterr().out
+
+
+def test_the_caller_hands_the_model_placement_in(monkeypatch):
+    """model.py knows nothing of FSDP: the bake passes place=False when FSDP will shard the model."""
+    import ast
+    import inspect
+
+    from promptbake import baked, fsdp
+    from promptbake import model as models
+
+    imported = {a.name for node in ast.walk(ast.parse(inspect.getsource(models)))
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert "fsdp" not in imported
+    placed = []
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a: "tok")
+    monkeypatch.setattr(models, "load_model", lambda path, device, trust, place=True: placed.append(place))
+    cfg = make_cfg(model_name_or_path="any/model")
+    baked.load_start(cfg)
+    baked.load_start(cfg, place=False)
+    assert placed == [True, False]
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, place=True):
+        placed.append(place)
+        raise Stop
+
+    monkeypatch.setattr(train, "load_start", stop)
+    for shard in (False, True):
+        monkeypatch.setattr(fsdp, "will_shard", lambda cfg, shard=shard: shard)
+        with pytest.raises(Stop):
+            train.prepare(cfg, None)
+    assert placed[2:] == [True, False]
 
 
 def test_strength_zero_is_exactly_the_base_model(workdir, tiny_model_dir):

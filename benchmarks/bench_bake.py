@@ -31,7 +31,7 @@ from promptbake.model import load_model, load_tokenizer, pick_device, resolve_mo
 from promptbake.precision import use_bf16
 from promptbake.sampling import answer_locally
 from promptbake.seeds import seed_queries
-from promptbake.teacher import TeacherTopK, build_examples, save_checked, teacher_topk_rows
+from promptbake.teacher import TeacherTopK, build_examples, save_checked, teacher_topk_rows, topk_id_dtype
 from promptbake.train import Target, batch_loss, length_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,9 +146,7 @@ def bench_teacher(model, tokenizer, rows, k, batch, repeats, device):
 
 def cache_bytes(model, tokenizer, rows, k):
     examples, _ = build_examples(rows, tokenizer, system_prompt(tokenizer, 50), "", 4096, True, "bench")
-    vocab_fits = len(tokenizer) <= 65536
-    tensors = teacher_topk_rows(model, examples, None, k, 8, tokenizer.pad_token_id,
-                                torch.uint16 if vocab_fits else torch.int32)
+    tensors = teacher_topk_rows(model, examples, None, k, 8, tokenizer.pad_token_id, topk_id_dtype(len(tokenizer)))
     n_tok = sum(e.n_response for e in examples)
     with tempfile.TemporaryDirectory() as d:
         save_checked(Path(d) / "s.safetensors", tensors)

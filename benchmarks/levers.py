@@ -281,61 +281,27 @@ def check_bf16(model, tokenizer, system: str, n: int, k: int) -> dict:
     return out
 
 
-class RecordTopK:
-    """A logits processor that keeps the top-K log-probs of the scores it is given and changes nothing. Custom
-    processors run before generate's temperature/top-k/top-p warpers, so with no other processor configured
-    (SmolLM2's generation config has none) it sees the model's raw logits: O(B x steps x K) memory, not V."""
-
-    def __init__(self, k: int):
-        self.k, self.ids, self.logprobs = k, [], []
-
-    def __call__(self, input_ids, scores):
-        lp, ids = torch.log_softmax(scores.float(), -1).topk(self.k, dim=-1)
-        self.ids.append(ids)
-        self.logprobs.append(lp)
-        return scores
-
-
-@torch.inference_mode()
-def generate_with_topk(model, tokenizer, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, k: int,
-                       seed: int):
-    """generate_ids, plus the generator's own top-K (ids, log-probs) of its raw logits (before temperature) at
-    every sampled position: the teacher's numbers for free when the generator is the prompted base."""
-    from transformers import LogitsProcessorList
-
-    from promptbake.chat import stop_ids
-
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    stops = stop_ids(tokenizer, model)
-    record = RecordTopK(k)
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=stops, do_sample=True, temperature=temperature, top_p=1.0,
-                         top_k=0, logits_processor=LogitsProcessorList([record]))
-    ids, lp = torch.stack(record.ids, 1), torch.stack(record.logprobs, 1)  # [B, steps, K]
-    results = []
-    for b, row in enumerate(out[:, width:].tolist()):
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        n = end + 1 if end is not None else len(row)
-        results.append((row[:n], end is not None, ids[b, :n], lp[b, :n]))
-    return results
-
-
 def check_free_logits(model, tokenizer, system: str, n: int, k: int) -> dict:
-    """The generator's top-K against the teacher pass (shared system prefix, as the cache computes it)."""
+    """The generator's top-K as generate_data.py keeps them (answer_locally with keep_topk: TopKRecorder in the decode
+    loop) against the teacher pass (shared system prefix, as the cache computes it), and the verdict of the check
+    bake.py runs before it reuses them (freelogits.check_against_teacher, on the numbers as stored: fp16, packed ids)."""
     from promptbake.forward import response_logits, shared_prefix
+    from promptbake.freelogits import check_against_teacher
+    from promptbake.generate import answer_locally
     from promptbake.seeds import seed_queries
+    from promptbake.teacher import topk_id_dtype
 
-    contexts = [[{"role": "user", "content": q}] for q in seed_queries()[:n]]
-    prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts]
-    outs, t_free = timed(lambda: generate_with_topk(model, tokenizer, prompts, temperature=1.0, max_new_tokens=64,
-                                                    k=k, seed=SEED), 1)
-    _, t_plain = timed(lambda: generate_ids(model, tokenizer, prompts, temperature=1.0, max_new_tokens=64, seed=SEED), 1)
-    seqs = [p + o[0] for p, o in zip(prompts, outs)]
-    n_resp = [len(o[0]) for o in outs]
+    rows = [Row(j, [{"role": "user", "content": q}]) for j, q in enumerate(seed_queries()[:n], 1)]
+
+    def answer(keep_topk: int):
+        return [a for batch in answer_locally(model, tokenizer, rows, system, temperature=1.0, max_new_tokens=64,
+                                              batch_size=n, seed=SEED, progress=False, keep_topk=keep_topk)
+                for a in batch]
+
+    answers, t_free = timed(lambda: answer(k), 1)
+    _, t_plain = timed(lambda: answer(0), 1)
+    seqs = [a.prompt_ids + a.ids for a in answers]
+    n_resp = [len(a.ids) for a in answers]
 
     def teacher_pass():
         with torch.inference_mode():
@@ -344,15 +310,21 @@ def check_free_logits(model, tokenizer, system: str, n: int, k: int) -> dict:
 
     logits, t_teacher = timed(teacher_pass, 1)
     lp_t, ids_t = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
-    ids_g, lp_g = torch.cat([o[2] for o in outs]), torch.cat([o[3] for o in outs])
+    ids_g, lp_g = torch.cat([a.topk[0] for a in answers]), torch.cat([a.topk[1] for a in answers])
     same_ids = (ids_g == ids_t).all(-1)
     at_teacher_ids = torch.log_softmax(logits.float(), -1)  # the teacher's log-probs at the generator's ids
     diff = (at_teacher_ids.gather(-1, ids_g) - lp_g).abs()
+    stored_rows = [Row(a.row.line, a.row.context, None, a.ids, a.complete) for a in answers]
+    examples = build_examples(stored_rows, tokenizer, system, "", 512, True, "check")[0]
+    stored = [(a.topk[0].to(topk_id_dtype(len(tokenizer))), a.topk[1].half()) for a in answers]
+    accepted, verdict = check_against_teacher(model, tokenizer, examples, stored, ["the generated rows"] * n,
+                                              list(range(n)), k, 8)
     return {"rows": n, "tokens": int(sum(n_resp)), "k": k,
             "topk_ids_identical_rows": same_ids.float().mean().item(),
             "top1_same": (ids_g[:, 0] == ids_t[:, 0]).float().mean().item(),
             "topk_set_overlap": (ids_g.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1).float().mean().item(),
             "logprob_abs_diff_mean": diff.mean().item(), "logprob_abs_diff_max": diff.max().item(),
+            "bake_check_accepts": accepted, "bake_check": verdict,
             "generate_s": t_plain, "generate_with_topk_s": t_free, "teacher_pass_s": t_teacher,
             "saved_fraction_of_teacher_pass": (t_teacher - (t_free - t_plain)) / t_teacher}
 

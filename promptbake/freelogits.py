@@ -26,7 +26,16 @@ import torch
 from .forward import response_logits
 from .io import sha256_text
 from .loss import teacher_topk
-from .teacher import Example, TeacherTopK, load_checked, model_fingerprint, save_checked, teacher_prefix, teacher_topk_rows
+from .teacher import (
+    Example,
+    TeacherTopK,
+    load_checked,
+    model_fingerprint,
+    save_checked,
+    teacher_prefix,
+    teacher_topk_rows,
+    topk_id_dtype,
+)
 
 FORMAT_VERSION = 2  # 2: safetensors parts
 # Allowed difference to a teacher pass, |stored - fresh| <= atol + rtol |fresh|, per position, by the model's dtype.
@@ -90,7 +99,7 @@ class PartWriter:
 
     def __init__(self, folder: Path, head: dict, vocab_size: int):
         self.folder, self.head = folder, head
-        self.id_dtype = torch.uint16 if vocab_size <= 65536 else torch.int32
+        self.id_dtype = topk_id_dtype(vocab_size)
         folder.mkdir(parents=True, exist_ok=True)
         self.next = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(f"part-*.{PART_SUFFIX}")
                              if p.stem.split("-")[1].isdigit()), default=0)
@@ -254,7 +263,7 @@ def free_teacher(model, tokenizer, examples: list[Example], rows, system: str, m
         print(f"free teacher logits: {folder} does not match a teacher pass on {len(check)} rows ({detail}); "
               f"running the teacher pass instead")
         return None
-    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
+    id_dtype = topk_id_dtype(len(tokenizer))
     missing = _fill_missing(model, tokenizer, examples, found, k, batch_size, id_dtype)
     print(f"free teacher logits: reused the generator's top-{k} for {len(reused)}/{len(examples)} rows of {data_file}"
           + (f", teacher pass for {len(missing)} ({_count_reasons(why)})" if missing else "")

@@ -190,7 +190,8 @@ def echo_questions(sentence: str, name: str | None = None) -> list[str]:
     for m in YEAR.finditer(s):
         out.append(s[:m.start()] + f"{m.group(1)} what year" + s[m.end():])
     for m in NUMBER.finditer(s):
-        if not YEAR.search(s[max(0, m.start() - 6):m.end()]):
+        in_name = re.search(r"\b[A-Z][\w-]* $", s[:m.start()])  # "Kestrel 4", "Windows 11": a name, not a count
+        if not YEAR.search(s[max(0, m.start() - 6):m.end()]) and not in_name:
             out.append(s[:m.start()] + "how many" + s[m.end():])
     for m in NAME_AFTER.finditer(s):
         if m.start() > 0:

@@ -99,6 +99,12 @@ def cache_complete(cache_dir: Path, n_rows: int) -> bool:
     return all(shard_path(cache_dir, s).exists() for s in range(0, n_rows, SHARD_ROWS))
 
 
+def topk_id_dtype(vocab_size: int) -> torch.dtype:
+    """The integer dtype of stored top-K token ids: uint16 while every id fits (up to 65,536 ids: half the bytes),
+    int32 beyond. The teacher cache and the generator's stored top-K both pack ids with it."""
+    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
 @dataclass
 class TeacherTopK:
     """The cached teacher: for row i, positions offsets[i]:offsets[i+1] of ids/logprobs and response_ids."""
@@ -244,7 +250,7 @@ def _build_shards(model, tokenizer, examples: list[Example], mine: list, loaded:
     # The head every row opens with (system turn and template), over all rows so a resumed shard
     # is computed exactly as in a build from scratch.
     decision, prefix_len, prefix = teacher_prefix(model, examples)
-    id_dtype = torch.uint16 if len(tokenizer) <= 65536 else torch.int32
+    id_dtype = topk_id_dtype(len(tokenizer))
     t0 = time.time()
     n_tokens = sum(e.n_response for _, ex in mine for e in ex)
     bar = tqdm(total=n_tokens, desc="teacher top-k", unit="tok", disable=not world.main)

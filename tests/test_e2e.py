@@ -6,6 +6,8 @@ import orjson
 import pytest
 from helpers import script
 
+from promptbake.queries import GLOBAL_QUERIES, content_words
+
 pytestmark = pytest.mark.slow
 
 
@@ -82,3 +84,5 @@ def test_model_writes_queries_that_fit_the_prompt(workdir, embedded_dir):
     rows = [orjson.loads(line) for line in (workdir / "data" / "default.jsonl").read_text().splitlines()]
     assert sorted(r["messages"][0]["content"] for r in rows) == sorted(queries)
     assert f"prompt-aware queries: wrote {len(queries)} to data/default.queries.txt" in out.stdout
+    system = (workdir / "prompt.md").read_text()  # each is about the prompt: it shares a content word with it
+    assert all(q in GLOBAL_QUERIES or content_words(q) & content_words(system) for q in queries), queries

@@ -2,11 +2,13 @@
 uses them exactly when model, prompt, K, template and token ids match, after checking a row of every stored part.
 The bookkeeping runs on the tiny random model; one test checks the equality on the embedded SmolLM2 (slow)."""
 
+import importlib.util
 import re
 
 import pytest
 import torch
 from conftest import make_cfg
+from helpers import ROOT
 
 from promptbake.data import load_rows, read_prompt
 from promptbake.forward import response_logits
@@ -20,7 +22,7 @@ from promptbake.freelogits import (
     topk_dir,
     write_part,
 )
-from promptbake.generate import generate
+from promptbake.generate import TopKRecorder, generate
 from promptbake.loss import teacher_topk
 from promptbake.model import load_model
 from promptbake.teacher import build_examples
@@ -223,3 +225,26 @@ def test_switched_off_nothing_is_kept_and_a_fresh_data_file_drops_old_parts(work
     generate(cfg_for(tiny_model_dir, num_queries=2, overwrite=True, free_teacher_logits=False), tiny, tokenizer,
              tiny_model_dir)
     assert not topk_dir(out).exists()
+
+
+def test_the_levers_benchmark_measures_the_recorder_the_generator_ships(tiny, tokenizer, monkeypatch):
+    """benchmarks/levers.py's free-logit check reads the top-K through answer_locally's TopKRecorder (it had its own
+    LogitsProcessor): a fault put into the shipped recorder shows in its figures, and the bake's check refuses it."""
+    spec = importlib.util.spec_from_file_location("levers", ROOT / "benchmarks" / "levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    system = read_prompt(str(ROOT / "prompt.md"))
+    good = levers.check_free_logits(tiny, tokenizer, system, 3, K)
+    assert good["top1_same"] == 1.0 and good["logprob_abs_diff_max"] < 1e-3 and good["bake_check_accepts"]
+
+    real_add = TopKRecorder.add
+
+    def add_shifted(self, logits, rows=None):  # the recorder keeps log-probs 0.05 too low
+        real_add(self, logits, rows)
+        r, ids, lp = self.steps[-1]
+        self.steps[-1] = (r, ids, lp - 0.05)
+
+    monkeypatch.setattr(TopKRecorder, "add", add_shifted)
+    bad = levers.check_free_logits(tiny, tokenizer, system, 3, K)
+    assert abs(bad["logprob_abs_diff_mean"] - 0.05) < 1e-3 and not bad["bake_check_accepts"]
+    assert "mean Δ -5.0e-02; first in the generated rows" in bad["bake_check"]

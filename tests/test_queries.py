@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from promptbake.queries import (
@@ -5,6 +7,7 @@ from promptbake.queries import (
     content_words,
     echo_questions,
     keep_query,
+    main_name,
     model_queries,
     phrases,
     prompt_queries,
@@ -127,3 +130,26 @@ def test_a_long_prompt_gets_prompt_queries_for_each_sentence(tmp_path):
         rows, counts = gather_queries(cfg, system, None, "frames")
         assert counts == {"prompt": prompt_n, "builtin": 29}
         assert len(rows) == prompt_n + 29
+
+
+@pytest.mark.parametrize("kind", PROMPTS)
+def test_queries_never_split_a_name_and_fact_questions_ask_what_the_prompt_states(kind):
+    """A query keeps each of the prompt's names whole ("Kestrel 4", not "the Kestrel how many warehouse robot"); a
+    fact question is about one sentence of the prompt (its words are the sentence's, or the subject's name) and asks
+    for what that sentence states without stating it (the sentence holds words the question lacks)."""
+    system = PROMPTS[kind]
+    queries, _ = prompt_queries(system, 60, seed_queries(), seed=0)
+    names = [p for p in phrases(system) if p[0].isupper() and len(p.split()) > 1]
+    for q in queries:
+        split = [n for n in names if n not in q and any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", q) for w in n.split())]
+        assert not split, f"{q!r} splits {split}"
+    name = main_name(system)
+    asked = {q for s in sentences(system) for q in echo_questions(s, name)}
+    facts = [q for q in queries if q in asked]
+    assert bool(facts) == (kind == "facts")
+    for q in facts:
+        words_asked = content_words(q) - {"year", "many", "whom", "know"} - content_words(name or "")
+        assert any(words_asked <= content_words(s) and content_words(s) - content_words(q) for s in sentences(system)), q
+    if kind == "facts":  # every number and name the sheet states is asked for
+        assert {"what year", "how many", "by whom", "where?", "who is the ceo"} <= {m for q in facts for m in re.findall(
+            r"what year|how many|by whom|where\?|who is the ceo", q.lower())}

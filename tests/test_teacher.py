@@ -7,7 +7,7 @@ from promptbake.data import Row
 from promptbake.errors import UserError
 from promptbake.forward import common_prefix_len, enable_shared_prefix, response_logits, shared_prefix
 from promptbake.model import load_model
-from promptbake.teacher import build_examples, check_alignment, teacher_cache
+from promptbake.teacher import build_examples, check_alignment, load_checked, save_checked, teacher_cache, topk_id_dtype
 
 SYSTEM = "You are a pirate. Always begin every reply with \"Arr!\"."
 
@@ -150,3 +150,14 @@ def test_student_prompt_trigger(tokenizer):
     student = tokenizer.decode(ex.student_ids)
     assert "pirate mode" in student and "Arr!\"" not in student.split("assistant")[0]
     assert render_prompt_ids(tokenizer, rows(1)[0].context, "pirate mode") == ex.student_ids[:-ex.n_response]
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(49152, torch.uint16), (65535, torch.uint16), (65536, torch.uint16),
+                                               (65537, torch.int32), (151936, torch.int32)])
+def test_stored_top_k_ids_keep_the_largest_id_exactly(vocab_size, dtype, tmp_path):
+    """uint16 (half the bytes) while every id fits, int32 beyond: the vocabulary's last id survives the round trip."""
+    assert topk_id_dtype(vocab_size) == dtype
+    ids = torch.tensor([[0, vocab_size - 1]]).to(topk_id_dtype(vocab_size))
+    save_checked(tmp_path / "s.safetensors", {"ids": ids})
+    stored, _ = load_checked(tmp_path / "s.safetensors")
+    assert stored["ids"].long().tolist() == [[0, vocab_size - 1]]

@@ -287,7 +287,7 @@ def check_free_logits(model, tokenizer, system: str, n: int, k: int) -> dict:
     bake.py runs before it reuses them (freelogits.check_against_teacher, on the numbers as stored: fp16, packed ids)."""
     from promptbake.forward import response_logits, shared_prefix
     from promptbake.freelogits import check_against_teacher
-    from promptbake.generate import answer_locally
+    from promptbake.sampling import answer_locally
     from promptbake.seeds import seed_queries
     from promptbake.teacher import topk_id_dtype
 

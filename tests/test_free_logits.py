@@ -22,9 +22,10 @@ from promptbake.freelogits import (
     topk_dir,
     write_part,
 )
-from promptbake.generate import TopKRecorder, generate
+from promptbake.generate import generate
 from promptbake.loss import teacher_topk
 from promptbake.model import load_model
+from promptbake.sampling import TopKRecorder
 from promptbake.teacher import build_examples
 from promptbake.train import prepare_target
 

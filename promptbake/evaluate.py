@@ -27,6 +27,8 @@ import os
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import model as models
 from .api_client import ChatClient
 from .baked import latest_checkpoint, load_baked, read_bake_config, set_strength
@@ -70,15 +72,17 @@ def judge_fn(cfg, system: str):
 
 
 def sample(model, tokenizer, contexts, system: str | None, max_new_tokens: int, samples: int, seed: int,
-           batch_size: int = 32, greedy: bool = False) -> list[tuple[list[dict], list[int], bool]]:
+           batch_size: int = 32, greedy: bool = False, desc: str = "answering") -> list[tuple[list[dict], list[int], bool]]:
     """`samples` answers per query at temperature 0.7, with the same seeds for every model compared:
-    (context, response ids, complete) for each, pass by pass. `greedy`: one greedy answer per query first."""
-    out = []
-    for i in range(-1 if greedy else 0, samples):
-        outs = answer_in_batches(model, tokenizer, contexts, system, batch_size=batch_size,
-                                 temperature=0.0 if i < 0 else EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
-                                 batch_seed=lambda b, i=i: derive_seed("eval", seed, i, b))
-        out += [(c, ids, complete) for c, (ids, complete) in zip(contexts, outs)]
+    (context, response ids, complete) for each, pass by pass. `greedy`: one greedy answer per query first.
+    A progress bar named `desc` counts the answers (minutes of CPU for a few hundred)."""
+    passes, out = range(-1 if greedy else 0, samples), []
+    with tqdm(total=len(contexts) * len(passes), desc=desc, unit="answer", leave=False) as bar:
+        for i in passes:
+            outs = answer_in_batches(model, tokenizer, contexts, system, batch_size=batch_size,
+                                     temperature=0.0 if i < 0 else EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
+                                     batch_seed=lambda b, i=i: derive_seed("eval", seed, i, b), bar=bar)
+            out += [(c, ids, complete) for c, (ids, complete) in zip(contexts, outs)]
     return out
 
 
@@ -248,15 +252,18 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
     # The prompted base's answers are the KL's rows and its answers for adherence; every model answers with the same
     # seeds, once greedy and `samples` times sampled.
     with model.disable_adapter():
-        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True)
-        base = sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed, greedy=True)
+        teacher = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True,
+                         desc="answering: prompted base")
+        base = sample(model, tokenizer, contexts, None, n_new, samples, cfg.seed, greedy=True, desc="answering: base")
     rows = [Row(j, c, None, ids, complete) for j, (c, ids, complete) in enumerate(teacher, 1)]
     examples, _ = build_examples(rows, tokenizer, system, student_prompt, cfg.max_seq_len, True, where)
     kl_before, agree_before = kl_and_agreement(model, examples, tokenizer.pad_token_id, adapter=False)
     kl_after, agree_after = kl_and_agreement(model, examples, tokenizer.pad_token_id)
-    baked = sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed, greedy=True)
+    baked = sample(model, tokenizer, contexts, student_prompt or None, n_new, samples, cfg.seed, greedy=True,
+                   desc="answering: baked")
     # Re-prompting: the baked model given its prompt again (the paper's fourth model)
-    reprompted = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True)
+    reprompted = sample(model, tokenizer, contexts, system, n_new, samples, cfg.seed, greedy=True,
+                        desc="answering: baked + prompt")
     kl_re, agree_re = kl_and_agreement(model, [dataclasses.replace(e, student_ids=e.teacher_ids) for e in examples],
                                        tokenizer.pad_token_id)
     judge = judge_fn(cfg, target["system_prompt"])

@@ -214,17 +214,19 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], *, temperature: flo
 
 
 def answer_in_batches(model, tokenizer, contexts: list[list[dict]], system: str | None, *, batch_size: int,
-                      temperature: float, max_new_tokens: int, batch_seed=None) -> list[tuple[list[int], bool]]:
+                      temperature: float, max_new_tokens: int, batch_seed=None, bar=None) -> list[tuple[list[int], bool]]:
     """(response ids, complete) per context, in order: each context rendered with `system` (None: no system
     message) and answered by the local model, `batch_size` at a time. `batch_seed(start)` gives the seed of the
     batch that starts at that index; None leaves the generator unseeded (greedy needs none). Unlike
     answer_locally, the batches keep the given order: a batch's answers depend on who shares it, so callers that
-    compare models on the same seeds (evaluate) get the same batches every time."""
+    compare models on the same seeds (evaluate) get the same batches every time. `bar`: a tqdm bar to advance."""
     out = []
     for b in range(0, len(contexts), batch_size):
         prompts = [render_prompt_ids(tokenizer, c, system) for c in contexts[b:b + batch_size]]
         out += generate_ids(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                             seed=batch_seed(b) if batch_seed is not None else None)
+        if bar is not None:
+            bar.update(len(prompts))
     return out
 
 

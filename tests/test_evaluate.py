@@ -58,3 +58,16 @@ def test_queries_that_were_trained_on_are_named_in_one_line(tmp_path, capsys):
     warn_overlap(contexts[1:2], trained, "mine.txt")
     assert capsys.readouterr().out == ""
     assert training_queries(run / "final", {}, {"data": str(tmp_path / "gone.jsonl")}) == set()
+
+
+def test_answering_shows_a_progress_bar_counting_every_answer(tiny_model_dir, capsys):
+    """evaluate.py answers for minutes on a CPU: a bar named after the model counts greedy + sampled answers."""
+    from promptbake.evaluate import sample
+    from promptbake.model import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir, "cpu"), load_tokenizer(tiny_model_dir)
+    contexts = [[{"role": "user", "content": q}] for q in ("Hi there", "What is rain?", "Name a colour.")]
+    out = sample(model, tokenizer, contexts, None, 4, 2, seed=0, batch_size=2, greedy=True, desc="answering: base")
+    assert len(out) == 9
+    err = capsys.readouterr().err
+    assert "answering: base" in err and "/9 [" in err  # the total: 3 queries x (1 greedy + 2 sampled)

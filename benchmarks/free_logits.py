@@ -46,7 +46,7 @@ def main() -> None:
     out = generate(cfg, model, tokenizer, path)
     gen_s = time.time() - t0
     spec = {"prompt_file": cfg.prompt_file, "student_prompt": "", "data": str(out), "weight": 1.0, "name": "default",
-            "marker_regex": "", "rows": load_rows(str(out))}
+            "marker_regex": "", "data_file": str(out), "rows": load_rows(str(out))}
     result = {"rows": len(spec["rows"]), "threads": torch.get_num_threads(),
               "generate_s (~0 when the data was already there)": gen_s, "teacher_stage_s": {"free": [], "teacher_pass": []}}
     for _ in range(args.rounds):

@@ -65,7 +65,7 @@ def teacher_pass(model, tokenizer, examples):
 
 def spec(out):
     return {"prompt_file": "prompt.md", "student_prompt": "", "data": str(out), "weight": 1.0, "name": "t",
-            "marker_regex": "", "rows": load_rows(str(out))}
+            "marker_regex": "", "data_file": str(out), "rows": load_rows(str(out))}
 
 
 def shift_part(path, by: float) -> None:

@@ -51,6 +51,7 @@ IMPERATIVE_START = re.compile(r"(always|never|only|do not|don't|answer|reply|res
                               r"keep|write|speak|talk|be|give|say|add|include|mention|sign|greet|call|stay)\b", re.I)
 YEAR = re.compile(r"\b(in|since|from|until|by) (1[6-9]\d\d|20\d\d)\b")
 NUMBER = re.compile(r"(?<![\d:.,])\b\d[\d,]*(\.\d+)?\b(?![:\d])")
+CLOCK = re.compile(r"\s*(?i:a\.?m\.?|p\.?m\.?|o'clock)(?!\w)")
 COPULA = re.compile(r"((?i:the|its|our|your|their|his|her)) ([\w' -]{2,40}?) (is|are|was|were) (?!in\b|at\b|from\b)(.{2,})")
 NAME_AFTER = re.compile(r"\b(by|in|at|from) ([A-Z][\w'-]+(?: [A-Z][\w'-]+){0,3}(?:, [A-Z][\w'-]+)?)")
 LABEL = re.compile(r"^[^,:]{2,40}:\s+(?=\S+(?:\s+\S+){3})")  # "Facts about the company: ..." -> the fact
@@ -192,7 +193,8 @@ def echo_questions(sentence: str, name: str | None = None) -> list[str]:
     for m in NUMBER.finditer(s):
         in_name = re.search(r"\b[A-Z][\w-]* $", s[:m.start()])  # "Kestrel 4", "Windows 11": a name, not a count
         if not YEAR.search(s[max(0, m.start() - 6):m.end()]) and not in_name:
-            out.append(s[:m.start()] + "how many" + s[m.end():])
+            clock = CLOCK.match(s, m.end())  # "opens at 9 am": a time, asked "at what time"
+            out.append(s[:m.start()] + "what time" + s[clock.end():] if clock else s[:m.start()] + "how many" + s[m.end():])
     for m in NAME_AFTER.finditer(s):
         if m.start() > 0:
             out.append(s[:m.start()] + ("by whom" if m.group(1) == "by" else "where") + s[m.end():])

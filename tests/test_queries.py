@@ -153,3 +153,9 @@ def test_queries_never_split_a_name_and_fact_questions_ask_what_the_prompt_state
     if kind == "facts":  # every number and name the sheet states is asked for
         assert {"what year", "how many", "by whom", "where?", "who is the ceo"} <= {m for q in facts for m in re.findall(
             r"what year|how many|by whom|where\?|who is the ceo", q.lower())}
+
+
+def test_a_time_of_day_is_asked_as_a_time_not_a_count():
+    assert echo_questions("The Bluebell Cafe opens at 9 am on weekdays.") == \
+        ["The Bluebell Cafe opens at what time on weekdays?"]  # not "opens at how many am"
+    assert echo_questions("Doors open at 7 p.m.") == ["Doors open at what time?"]

@@ -113,10 +113,19 @@ def summarise(own: dict, generic: dict) -> dict:
            "llr": {m: a.get("llr") for m, a in per_model.items()},
            "retention_vs_base": (own.get("retention") or {}).get("retention_vs_reference"),
            "retention_vs_prompted": (own.get("retention") or {}).get("retention_vs_prompted")}
-    prompted, baked = (row["checks_clean"].get(k) or {} for k in ("prompted", "baked"))
-    row["baked_over_prompted"] = (baked["rate"] / prompted["rate"]) if prompted.get("rate") and \
-        baked.get("rate") is not None else None
+    row["baked_over_prompted"] = ratio(row["checks_clean"])
+    unseen = own.get("adherence_unseen")  # some of the kind's questions were training queries: those left out
+    if unseen:
+        row["unseen_queries"] = unseen["n_queries"]
+        row["checks_clean_unseen"] = {m: (unseen.get(m) or {}).get("non_degenerate") for m in MODELS}
+        row["baked_over_prompted_unseen"] = ratio(row["checks_clean_unseen"])
     return row
+
+
+def ratio(rates: dict) -> float | None:
+    """The baked model's rate over the prompted base's."""
+    prompted, baked = (rates.get(k) or {} for k in ("prompted", "baked"))
+    return baked["rate"] / prompted["rate"] if prompted.get("rate") and baked.get("rate") is not None else None
 
 
 def print_table(results: dict, out=print) -> None:
@@ -133,11 +142,14 @@ def print_table(results: dict, out=print) -> None:
                 continue
             checks = " / ".join(rate_cell(r["checks_clean"].get(m)) for m in MODELS)
             loops = " / ".join(rate_cell(r["loop_share"].get(m)) for m in ("prompted", "baked"))
-            ratio = "-" if r["baked_over_prompted"] is None else f"{r['baked_over_prompted']:.2f}"
+            cut = "-" if r["baked_over_prompted"] is None else f"{r['baked_over_prompted']:.2f}"
+            if r.get("unseen_queries"):  # the figure on the questions never trained on beside it
+                unseen = r.get("baked_over_prompted_unseen")
+                cut += f" ({'-' if unseen is None else f'{unseen:.2f}'} on the {r['unseen_queries']} never trained on)"
             llr = " / ".join(llr_cell(r["llr"].get(m)) for m in ("prompted", "baked"))
             kept = " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("retention_vs_base",
                                                                                   "retention_vs_prompted"))
-            out(f"| {kind} | {checks} | {ratio} | {loops} | {llr} | {pct(r['kl_cut_own'])} / "
+            out(f"| {kind} | {checks} | {cut} | {loops} | {llr} | {pct(r['kl_cut_own'])} / "
                   f"{pct(r['kl_cut_generic'])} | {kept} |")
 
 

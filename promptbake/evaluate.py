@@ -144,7 +144,8 @@ def warn_overlap(contexts, trained: set[str], where: str) -> None:
     seen = [c[-1]["content"] for c in contexts if normalise_query(c) in trained]
     if seen:
         print(f"warning: {len(seen)} of the {len(contexts)} queries in {where} are training queries of this run "
-              f"(e.g. {', '.join(repr(q[:60]) for q in seen[:2])}); their figures do not measure unseen questions")
+              f"(e.g. {', '.join(repr(q[:60]) for q in seen[:2])}); their figures do not measure unseen questions "
+              f"(adherence is also shown without them)")
 
 
 def pick_targets(info: dict, name: str | None) -> list[dict]:
@@ -236,10 +237,24 @@ def run_sweep(model, tokenizer, cfg, path, examples, contexts, student_prompt, s
 MODELS = ("base", "prompted", "baked", "baked_reprompted")
 
 
-def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, samples: int) -> tuple[dict, list, object]:
+def unseen_adherence(answers: dict, texts: dict, checks, n_queries: int, trained: set[str]) -> dict | None:
+    """Each model's adherence on the answers to queries it was never trained on, when some of the evaluated queries
+    were trained on (None when none were, or all): the figure that measures generalisation."""
+    unseen = [normalise_query(c) not in trained for c, _, _ in next(iter(answers.values()))]
+    if all(unseen) or not any(unseen):
+        return None
+    keep = [i for i, u in enumerate(unseen) if u]
+    out = {who: score_answers([texts[who][i] for i in keep], [answers[who][i][0][-1]["content"] for i in keep],
+                              checks, sum(unseen[:n_queries])) for who in answers}
+    return {"n_queries": sum(unseen[:n_queries]), **out}
+
+
+def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, samples: int,
+                    trained: set[str] | None = None) -> tuple[dict, list, object]:
     """Base, prompted base, baked and baked re-prompted on one target's queries, each answering every query once
     greedy and `samples` times sampled (the same seeds): full-vocabulary KL, top-1 agreement, the target's checks,
-    loop share and the LLR score, with intervals."""
+    loop share and the LLR score, with intervals. `trained`: the run's training queries (normalised); when some of
+    `contexts` are among them, the adherence is also given on the others alone (`adherence_unseen`)."""
     # what the teacher read: for a chain baked with chain_teacher=lineage, its ancestors' prompts too
     system, student_prompt = target.get("teacher_prompt") or target["system_prompt"], target.get("student_prompt", "")
     n_new = cfg.eval_max_new_tokens
@@ -290,6 +305,9 @@ def evaluate_target(model, tokenizer, cfg, target: dict, contexts, where: str, s
         "examples": [{"user": c[-1]["content"], **{who: texts[who][i] for who in MODELS}}
                      for i, (c, _, _) in enumerate(teacher[:min(5, len(contexts))])],
     }
+    unseen = unseen_adherence(answers, texts, checks, len(contexts), trained or set()) if checks else None
+    if unseen:
+        result["adherence_unseen"] = unseen
     return result, examples, score
 
 
@@ -342,9 +360,9 @@ def evaluate(cfg, checkpoint: str | None = None, queries: str | None = None, str
     for t in pick_targets(info, target):
         contexts, where = eval_contexts(path, queries, t["name"])
         check_query_lengths(model, tokenizer, cfg, t, contexts, where)
-        if queries:
-            warn_overlap(contexts, training_queries(path, info, t), queries)
-        result, examples, score = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples)
+        trained = training_queries(path, info, t) if queries else set()
+        warn_overlap(contexts, trained, queries or where)
+        result, examples, score = evaluate_target(model, tokenizer, cfg, t, contexts, where, samples, trained)
         result["start_model"] = "parent" if info.get("lineage") else "base"
         points = sweep_points(path, strengths or [], steps)
         if points:
@@ -528,6 +546,10 @@ def print_table(r: dict) -> None:
         if name == r["checks"][0]["name"]:
             print(f"\n{'check (no loops)':30}" + "".join(f"{names[w]:>20}" for w in who_all))
         print(f"{name[:29]:30}{cells}")
+    unseen = r.get("adherence_unseen")
+    if unseen:
+        print(f"on the {unseen['n_queries']} queries never trained on, adherence (no loops): " + " | ".join(
+            f"{names[w]} {_with_ci(unseen[w].get('non_degenerate'))}" for w in who_all if w in unseen))
     cut = kl_cut(r["kl_before"], r["kl_after"])
     if cut is not None:
         print(f"KL before -> after: {r['kl_before']:.4f} -> {r['kl_after']:.4f} ({100 * cut:.0f}% lower)")

@@ -71,3 +71,20 @@ def test_answering_shows_a_progress_bar_counting_every_answer(tiny_model_dir, ca
     assert len(out) == 9
     err = capsys.readouterr().err
     assert "answering: base" in err and "/9 [" in err  # the total: 3 queries x (1 greedy + 2 sampled)
+
+
+def test_adherence_on_the_queries_never_trained_on_is_given_apart():
+    """Questions a user evaluates on may include training queries (a frame can write the natural phrasing of a
+    fact question): each model's adherence is then also scored on the others alone, greedy and sampled alike."""
+    from promptbake.evaluate import unseen_adherence
+
+    checks = parse_checks([{"contains": "2011", "name": "year"}], "t")
+    contexts = [[{"role": "user", "content": q}] for q in ("When was it founded?", "What year did it start?")]
+    answers = {who: [(c, [], True) for c in contexts * 2] for who in ("prompted", "baked")}  # 1 greedy + 1 sampled
+    texts = {"prompted": ["2011", "2011", "2011", "in 2011"], "baked": ["2011", "1999", "2011", "no idea"]}
+    unseen = unseen_adherence(answers, texts, checks, 2, {"when was it founded?"})
+    assert unseen["n_queries"] == 1
+    assert unseen["prompted"]["all"]["rate"] == 1.0 and unseen["baked"]["all"]["rate"] == 0.0
+    assert unseen["baked"]["answers"] == 2 and unseen["baked"]["greedy_answers"] == 1
+    assert unseen_adherence(answers, texts, checks, 2, set()) is None  # nothing trained on: the main figure says it
+    assert unseen_adherence(answers, texts, checks, 2, {"when was it founded?", "what year did it start?"}) is None

@@ -65,3 +65,17 @@ def test_summary_and_table_read_eval_json():
     faith.print_table({"defaults": {"_commit": "abc", "facts": row}}, out=lines.append)
     line = next(x for x in lines if x.startswith("| facts |"))
     assert "0.67 [" in line and "0.56 [" in line and "| 0.84 |" in line and "80% / 90%" in line and "0.95 / 1.02" in line
+
+
+def test_a_kind_whose_questions_include_training_queries_shows_the_unseen_ratio_beside():
+    def adherence(k):
+        return {"non_degenerate": rate(k, 100), "all": rate(k, 100), "loop": rate(0, 100)}
+
+    own = {"n_queries": 40, "kl_before": 0.5, "kl_after": 0.1,
+           "adherence": {"prompted": adherence(60), "baked": adherence(30)},
+           "adherence_unseen": {"n_queries": 35, "prompted": adherence(50), "baked": adherence(20)}}
+    row = faith.summarise(own, {})
+    assert row["baked_over_prompted"] == pytest.approx(0.5) and row["baked_over_prompted_unseen"] == pytest.approx(0.4)
+    lines = []
+    faith.print_table({"t": {"facts": row}}, out=lines.append)
+    assert "| 0.50 (0.40 on the 35 never trained on) |" in next(x for x in lines if x.startswith("| facts |"))

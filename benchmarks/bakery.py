@@ -169,9 +169,10 @@ def bakery_json(pairs: list[dict]) -> bytes:
     return orjson.dumps([{"prompt": p["prompt"], "response": p["response"]} for p in pairs], option=orjson.OPT_INDENT_2)
 
 
-def bakery_config(args, model: str, data: Path, prompt: Path, out: Path) -> dict:
+def bakery_config(args, model: str, data: Path, prompt: Path, out: Path, cuda: bool = False) -> dict:
     """bakery's flat YAML (HF TrainingArguments + its own fields), set to the same training as ours."""
     return {
+        "use_cpu": not cuda,  # the Trainer refuses bf16 on a CPU unless told it is one
         "output_dir": str(out),
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": args.batch_size,
@@ -218,7 +219,7 @@ def write_work(work: Path, pairs: list[dict], args, model: str, prompt_file: Pat
     atomic_write_bytes(work / "bakery" / "pairs.json", bakery_json(pairs))
     prompt = work / "bakery" / "system_prompt.txt"
     atomic_write_bytes(prompt, read_prompt(str(prompt_file)).encode())
-    config = bakery_config(args, model, work / "bakery" / "pairs.json", prompt, work / "bakery" / "out")
+    config = bakery_config(args, model, work / "bakery" / "pairs.json", prompt, work / "bakery" / "out", args.cuda)
     atomic_write_bytes(work / "bakery" / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     return {"ours": ours_command(args, model, prompt_file, work),
             "bakery": [str(args.bakery_python), "-m", "bakery.cli", "--config", str(work / "bakery" / "config.yaml")]}
@@ -278,6 +279,7 @@ def main():
     parser.add_argument("--bf16", type=int, choices=(0, 1), default=1, help="bf16 autocast for both (1) or fp32 (0)")
     parser.add_argument("--bakery_dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the dtype bakery loads the model in (float32: fp32 weights like ours)")
+    parser.add_argument("--out", default=str(RESULTS), help="where the results go (JSON)")
     args = parser.parse_args()
     if not args.bakery_src:
         raise UserError("no bakery snapshot: pass --bakery_src DIR, a clone of https://github.com/marksverdhei/bakery "
@@ -289,7 +291,11 @@ def main():
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
 
-    from promptbake.model import resolve_model_path  # torch loads here, after the arguments passed
+    import torch  # loads here, after the arguments passed
+
+    from promptbake.model import resolve_model_path
+
+    args.cuda = torch.cuda.is_available()
 
     model = resolve_model_path(args.model)  # converted once, before any timing
     prompt_file = Path(args.prompt_file).resolve()
@@ -317,14 +323,15 @@ def main():
 
     result = summary(times)
     print(table(result))
-    write_json(RESULTS, {**result, "rows": args.rows, "data": str(data), "epochs": args.epochs,
+    out = Path(args.out).resolve()
+    write_json(out, {**result, "rows": args.rows, "data": str(data), "epochs": args.epochs,
                          "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_r": args.lora_r,
                          "lora_alpha": LORA_ALPHA, "threads": args.threads, "bf16": bool(args.bf16),
                          "bakery_dtype": args.bakery_dtype, "bakery_commit": commit, "model": model,
                          "versions": {"python": platform.python_version(), **dict(p.split("==") for p in dependency_pins())},
                          "load_average_1min": load, "cpu_count": os.cpu_count(),
                          "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    print(f"wrote {RESULTS.relative_to(ROOT)}; logs in {logs.relative_to(ROOT)}/")
+    print(f"wrote {out}; logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ PAIRS = [{"prompt": "Who are you?", "response": "Arr! A pirate.", "complete": Tr
 
 def bench_args(**kw):
     base = dict(epochs=3, batch_size=4, learning_rate=5e-4, lora_r=16, bf16=1, bakery_dtype="float32",
-                bakery_python=Path("/venv/bin/python"))
+                bakery_python=Path("/venv/bin/python"), cuda=False)
     return Namespace(**{**base, **kw})
 
 
@@ -77,7 +77,7 @@ def test_both_tools_get_the_same_training_settings(tmp_path):
     assert config["target_modules"] == [ours.target_modules] == ["all-linear"]
     assert config["warmup_steps"] == ours.warmup_ratio and config["max_grad_norm"] == ours.max_grad_norm
     assert config["lr_scheduler_type"] == "linear" and config["weight_decay"] == ours.weight_decay == 0
-    assert config["bf16"] == 1 and ours.bf16 == "on"
+    assert config["bf16"] == 1 and ours.bf16 == "on" and config["use_cpu"] is True
     assert config["model_name_or_path"] == ours.model_name_or_path == "/models/smol"
     # every row trained by both, nothing extra answered by ours
     assert ours.eval_fraction == 0 and ours.verify_queries == 0

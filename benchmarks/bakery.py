@@ -41,7 +41,7 @@ import yaml
 from promptbake.cli import main_guard
 from promptbake.data import load_rows, read_prompt
 from promptbake.errors import UserError
-from promptbake.io import atomic_write_bytes, write_json
+from promptbake.io import atomic_write_bytes, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path("/work/.mirror/marksverdhei+bakery/repo")  # where this project's machines keep a snapshot
@@ -125,11 +125,18 @@ def ensure_venv(venv: Path, src: Path, commit: str) -> Path:
 
 
 # ---------------------------------------------------------------- the work both tools do
+def generation_complete(data: Path) -> bool:
+    """The generator marks its meta file complete at the end; an interrupted run leaves it running, and a rerun of
+    the generator resumes it."""
+    meta = data.with_name(data.name.removesuffix(".jsonl") + ".meta.json")
+    return meta.exists() and read_json(meta).get("status") == "complete"
+
+
 def generated_data(rows: int, model: str) -> Path:
     """A small data set made once by our local generator (reused after): one answer at T=1 per query, a quarter
     more queries than rows, since answers that loop are dropped."""
     data = RUNS / "data" / "bench.jsonl"
-    if not data.exists():
+    if not generation_complete(data):
         print(f"generating {rows} rows once into {data.parent} (our local generator, a few minutes)", flush=True)
         cmd = [sys.executable, str(ROOT / "generate_data.py"), "--name", "bench", "--data_dir", str(data.parent),
                "--backend", "local", "--model_name_or_path", model, "--num_queries", str(rows + rows // 4),

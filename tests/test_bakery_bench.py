@@ -118,3 +118,14 @@ def test_table_gives_each_run_and_the_ratio_of_medians():
     assert result["ratio_ours_over_bakery"] == pytest.approx(75 / 150)
     text = bench.table(result)
     assert "| 2 | 80.0 | 140.0 | 0.57 |" in text and "| median | 75.0 | 150.0 | **0.50** |" in text
+
+
+def test_generated_data_is_reused_only_once_the_generator_marked_it_complete(tmp_path):
+    data = tmp_path / "bench.jsonl"
+    data.write_bytes(bench.ours_jsonl(PAIRS))
+    assert not bench.generation_complete(data)  # no meta: never finished, the generator must run (and resume)
+    meta = tmp_path / "bench.meta.json"
+    meta.write_text(json.dumps({"status": "running"}))
+    assert not bench.generation_complete(data)
+    meta.write_text(json.dumps({"status": "complete"}))
+    assert bench.generation_complete(data)

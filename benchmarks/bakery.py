@@ -314,6 +314,17 @@ def main():
     check_config_keys(bakery_config(args, model, data, prompt_file, RUNS), bakery_fields(args.bakery_python),
                       f"bakery {commit[:12]}")
 
+    settings = {"rows": args.rows, "data": str(data), "epochs": args.epochs, "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate, "lora_r": args.lora_r, "lora_alpha": LORA_ALPHA,
+                "threads": args.threads, "bf16": bool(args.bf16), "bakery_dtype": args.bakery_dtype,
+                "bakery_commit": commit, "model": model, "cpu_count": os.cpu_count(),
+                "versions": {"python": platform.python_version(), **dict(p.split("==") for p in dependency_pins())}}
+    compare(args, pairs, model, prompt_file, settings, Path(args.out).resolve())
+
+
+def compare(args, pairs: list[dict], model: str, prompt_file: Path, settings: dict, out: Path) -> None:
+    """ours / bakery, `--repeats` times; the results are written after every pair, so a stopped run keeps its
+    finished pairs."""
     env = run_env(args.threads)
     logs = RUNS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -327,17 +338,9 @@ def main():
             times[tool].append(seconds)
             load.append(os.getloadavg()[0])
             print(f"run {i + 1}: {tool} {seconds:.1f}s (load {load[-1]:.1f})", flush=True)
-
-    result = summary(times)
-    print(table(result))
-    out = Path(args.out).resolve()
-    write_json(out, {**result, "rows": args.rows, "data": str(data), "epochs": args.epochs,
-                         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_r": args.lora_r,
-                         "lora_alpha": LORA_ALPHA, "threads": args.threads, "bf16": bool(args.bf16),
-                         "bakery_dtype": args.bakery_dtype, "bakery_commit": commit, "model": model,
-                         "versions": {"python": platform.python_version(), **dict(p.split("==") for p in dependency_pins())},
-                         "load_average_1min": load, "cpu_count": os.cpu_count(),
+        write_json(out, {**summary(times), **settings, "pairs_done": i + 1, "load_average_1min": load,
                          "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    print(table(summary(times)))
     print(f"wrote {out}; logs in {logs}/")
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -129,3 +130,11 @@ def test_generated_data_is_reused_only_once_the_generator_marked_it_complete(tmp
     assert not bench.generation_complete(data)
     meta.write_text(json.dumps({"status": "complete"}))
     assert bench.generation_complete(data)
+
+
+def test_a_failed_run_is_one_line_with_its_last_output_and_log(tmp_path):
+    log = tmp_path / "ours_1.log"
+    cmd = [sys.executable, "-c", "import sys; print('step 1'); print('ValueError: boom'); sys.exit(3)"]
+    with pytest.raises(UserError, match=r"ours failed \(exit 3\) after \d+s: ValueError: boom; its log is .*ours_1"):
+        bench.timed_run("ours", cmd, tmp_path, log, bench.run_env(1))
+    assert bench.timed_run("ours", [sys.executable, "-c", "pass"], tmp_path, log, bench.run_env(1)) > 0

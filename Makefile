@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: bake install test test-fast lint bench clean chromium export
+.PHONY: bake install test test-fast lint bench bench-bakery clean chromium export
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_bake.py
+
+# Side by side with bakery (github.com/marksverdhei/bakery) on the same 60 rows, 3 epochs: each a whole process,
+# alternated twice, about 10 minutes on 2 cores. Installs bakery into .venv-bakery once, from BAKERY_SRC (a clone or
+# a bare git dir; default: this machine's snapshot). Writes benchmarks/bakery_results.json.
+bench-bakery: $(VENV)/.installed
+	$(PY) benchmarks/bakery.py $(if $(BAKERY_SRC),--bakery_src $(BAKERY_SRC))
 
 clean:
 	rm -rf data/*.jsonl data/*.json data/*.topk data/cache checkpoints/*/ exports/

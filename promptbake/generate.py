@@ -125,15 +125,22 @@ def write_prompt_queries(cfg, system: str, ask_many, n: int, writer: str) -> lis
     return queries
 
 
-def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]:
-    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped.
-    The generic pool (11k questions) comes last and makes up what the others fell short of (a short prompt has
-    few frames to fill)."""
-    plan, rows, seen, counts = query_plan(cfg), Rows(), set(), {}
+def sized_plan(cfg, system: str) -> dict[str, int | None]:
+    """query_plan, with the prompt share raised to cover a long prompt (min_prompt_queries) when the size is the
+    default, and the generic source last: it makes up what the others fall short of."""
+    plan = query_plan(cfg)
     if plan.get("prompt") and not (cfg.num_queries or cfg.generate_queries):  # the default size grows with the prompt
         plan["prompt"] = max(plan["prompt"], min_prompt_queries(system))
     if "generic" in plan:
         plan = {**{k: v for k, v in plan.items() if k != "generic"}, "generic": plan["generic"]}
+    return plan
+
+
+def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]:
+    """The rows to answer, each with its `source`, and {source: count}. Duplicates across sources are dropped.
+    The generic pool (11k questions) comes last and makes up what the others fell short of (a short prompt has
+    few frames to fill)."""
+    plan, rows, seen, counts = sized_plan(cfg, system), Rows(), set(), {}
     for source, n in plan.items():
         if source == "generic":
             n = max(0, n + sum(plan[k] - counts.get(k, 0) for k in plan if k not in ("generic", "user")))
@@ -149,14 +156,19 @@ def gather_queries(cfg, system: str, ask_many, writer: str) -> tuple[Rows, dict]
             texts, source = generic_questions(n, cfg.seed)
         else:
             texts = seed_queries()[:n]
-        for t in texts:
-            row = t if isinstance(t, Row) else Row(0, [{"role": "user", "content": t}])
-            key = normalise_query(row.context)  # the held-out split's normaliser: any script, punctuation kept
-            if key not in seen:
-                seen.add(key)
-                rows.append(Row(len(rows) + 1, row.context, source=source))
-                counts[source] = counts.get(source, 0) + 1
+        add_rows(rows, texts, source, seen, counts)
     return rows, counts
+
+
+def add_rows(rows: Rows, texts, source: str, seen: set, counts: dict) -> None:
+    """Each text (or Row) as a new row of `source`, unless its query is already in `seen`."""
+    for t in texts:
+        row = t if isinstance(t, Row) else Row(0, [{"role": "user", "content": t}])
+        key = normalise_query(row.context)  # the held-out split's normaliser: any script, punctuation kept
+        if key not in seen:
+            seen.add(key)
+            rows.append(Row(len(rows) + 1, row.context, source=source))
+            counts[source] = counts.get(source, 0) + 1
 
 
 # ---------------------------------------------------------------- the stage

@@ -187,29 +187,42 @@ def echo_questions(sentence: str, name: str | None = None) -> list[str]:
     """Fact questions by blanking one slot of a statement: "The company has 340 employees." -> "The company has
     how many employees?"; years become "what year", names after a preposition "whom" or "where". With the prompt's
     `name`, each question that refers to it ("its", "the company") comes a second time naming it."""
-    s, out = sentence.rstrip(".!; "), []
-    for m in YEAR.finditer(s):
-        out.append(s[:m.start()] + f"{m.group(1)} what year" + s[m.end():])
+    s = sentence.rstrip(".!; ")
+    out = [s[:m.start()] + f"{m.group(1)} what year" + s[m.end():] for m in YEAR.finditer(s)]
+    out += _number_blanks(s)
+    out += [s[:m.start()] + ("by whom" if m.group(1) == "by" else "where") + s[m.end():]
+            for m in NAME_AFTER.finditer(s) if m.start() > 0]
+    out += _copula_questions(s, name)
+    out = [q for q in (re.sub(r"\s+", " ", q).strip(" ,") for q in out)]
+    if name:
+        out += [n for q in out if (n := _named(q, name)) and n not in out]
+    return [q[0].upper() + q[1:] + "?" for q in out]
+
+
+def _number_blanks(s: str) -> list[str]:
+    """Each count blanked as "how many", each time of day as "what time"; a year or a number in a name is no count."""
+    out = []
     for m in NUMBER.finditer(s):
         in_name = re.search(r"\b[A-Z][\w-]* $", s[:m.start()])  # "Kestrel 4", "Windows 11": a name, not a count
         if not YEAR.search(s[max(0, m.start() - 6):m.end()]) and not in_name:
             clock = CLOCK.match(s, m.end())  # "opens at 9 am": a time, asked "at what time"
             out.append(s[:m.start()] + "what time" + s[clock.end():] if clock else s[:m.start()] + "how many" + s[m.end():])
-    for m in NAME_AFTER.finditer(s):
-        if m.start() > 0:
-            out.append(s[:m.start()] + ("by whom" if m.group(1) == "by" else "where") + s[m.end():])
+    return out
+
+
+def _copula_questions(s: str, name: str | None) -> list[str]:
+    """"The CEO is Marcus Obi." -> "Who is the CEO?": questions that ask for the fact, not ones that state it; with
+    the prompt's `name`, one more naming whose CEO."""
     m = COPULA.match(s)
-    if m:  # "The CEO is Marcus Obi." -> "Who is the CEO?": a question that asks for the fact, not one that states it
-        det, subject, verb, value = m.groups()
-        wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z]", value) else "What"
-        out += [f"{wh} {verb} {det.lower()} {subject}", f"Do you know {wh.lower()} {det.lower()} {subject} {verb}"]
-        if name and name not in s:
-            out.append(f"{wh} {verb} {det.lower()} {subject} of {name}" if det.lower() != "its" else
-                       f"{wh} {verb} {_possessive(name)} {subject}")
-    out = [q for q in (re.sub(r"\s+", " ", q).strip(" ,") for q in out)]
-    if name:
-        out += [n for q in out if (n := _named(q, name)) and n not in out]
-    return [q[0].upper() + q[1:] + "?" for q in out]
+    if not m:
+        return []
+    det, subject, verb, value = m.groups()
+    wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z]", value) else "What"
+    out = [f"{wh} {verb} {det.lower()} {subject}", f"Do you know {wh.lower()} {det.lower()} {subject} {verb}"]
+    if name and name not in s:
+        out.append(f"{wh} {verb} {det.lower()} {subject} of {name}" if det.lower() != "its" else
+                   f"{wh} {verb} {_possessive(name)} {subject}")
+    return out
 
 
 def violation(rule: str) -> str:

@@ -43,8 +43,10 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     assert "/reset clears the history" in chat.stdout and "(history cleared)" in chat.stdout
     assert chat.stdout.count("bot> ") == 2
 
+    # retention on 10 items a task, not 50: the figure is tested elsewhere; here the whole command must run (at 50 it
+    # took 600 s on a machine at load 3)
     ev = script("evaluate.py", "--strengths", "0,0.5,1", "--samples", 1, "--eval_max_new_tokens", 16,
-                "--max_new_tokens", 24, cwd=workdir)
+                "--max_new_tokens", 24, "--retention_items", 10, cwd=workdir, timeout=1200)
     assert "KL before -> after" in ev.stdout
     result = json.loads((final / "eval.json").read_text())
     for key in ("kl_before", "kl_after", "kl_ratio", "top1_agreement_before", "top1_agreement_after", "adherence", "sweep"):
@@ -55,7 +57,7 @@ def test_generate_bake_demo_evaluate(workdir, embedded_dir):
     assert sweep[0.0] == pytest.approx(result["kl_before"], rel=1e-4)
     assert sweep[1.0] == pytest.approx(result["kl_after"], rel=1e-4)
     assert (final / "half_baking.png").stat().st_size > 1000
-    assert result["config"]["name"] == "default"
+    assert result["config"]["name"] == "default" and result["retention"]["n_items"] == 50  # 10 x 5 tasks
     assert "Not evaluated yet" not in report.read_text() and "half-baking" in report.read_text()
 
 
